@@ -1,0 +1,805 @@
+//! The configuration file (SPEC §4): its TOML schema, defaults and validation.
+//!
+//! Parsing is strict (`deny_unknown_fields`): a misspelt key is an error that names the file and
+//! the key, never a silently ignored setting. Relative paths are resolved against the directory
+//! of the config file; durations are humantime strings. Secrets are never part of the config:
+//! only the path of the file that holds them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// Default location of the config file.
+pub const DEFAULT_PATH: &str = "/etc/coursegate/coursegate.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("cannot read secret file {path} (from config key `{key}`): {source}")]
+    Secret {
+        path: PathBuf,
+        key: &'static str,
+        source: std::io::Error,
+    },
+}
+
+// === the validated configuration ===
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this config was read from.
+    pub path: PathBuf,
+    pub daemon: Daemon,
+    pub ldap: Ldap,
+    pub lms: Lms,
+    pub courses: BTreeMap<String, Course>,
+    pub access: BTreeMap<String, Profile>,
+    pub orders: Option<Orders>,
+    pub notify: Option<Notify>,
+    pub ticket: Option<Ticket>,
+    pub queue: Option<Queue>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Daemon {
+    pub desired_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub audit_log: PathBuf,
+    pub resync_interval: Duration,
+    pub max_revocations_per_run: usize,
+    pub max_revocation_ratio: Option<f64>,
+    pub listen: Option<SocketAddr>,
+}
+
+/// How group members are stored: DN values (`member`, `uniqueMember`) or account names
+/// (`memberUid`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemberAttribute {
+    Member,
+    UniqueMember,
+    MemberUid,
+}
+
+impl MemberAttribute {
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberAttribute::Member => "member",
+            MemberAttribute::UniqueMember => "uniqueMember",
+            MemberAttribute::MemberUid => "memberUid",
+        }
+    }
+
+    /// Whether values are DNs (compared as DNs) rather than account names.
+    pub fn holds_dns(self) -> bool {
+        !matches!(self, MemberAttribute::MemberUid)
+    }
+}
+
+#[derive(Clone)]
+pub struct Ldap {
+    pub url: String,
+    pub starttls: bool,
+    pub tls_ca_file: Option<PathBuf>,
+    pub bind_dn: Option<String>,
+    pub bind_password_file: Option<PathBuf>,
+    pub user_base: String,
+    pub user_filter: String,
+    pub member_attribute: MemberAttribute,
+    pub placeholder_member: Option<String>,
+    pub page_size: u32,
+    pub range_size: u32,
+    pub timeout: Duration,
+}
+
+impl fmt::Debug for Ldap {
+    // Written out by hand so that nobody adds a secret here and gets it logged by accident.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ldap")
+            .field("url", &self.url)
+            .field("starttls", &self.starttls)
+            .field("bind_dn", &self.bind_dn)
+            .field("user_base", &self.user_base)
+            .field("user_filter", &self.user_filter)
+            .field("member_attribute", &self.member_attribute)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LmsKind {
+    Csv,
+    Xlsx,
+}
+
+#[derive(Debug, Clone)]
+pub struct Lms {
+    pub kind: LmsKind,
+    pub path: PathBuf,
+    /// The path as written in the config, used as the evidence source (`csv:lms/results.csv`).
+    pub label: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Course {
+    pub title: String,
+    pub lms_id: String,
+    pub url: Option<String>,
+    pub valid_for: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub title: String,
+    pub group: String,
+    pub courses: Vec<String>,
+    pub exclusive: bool,
+    pub revoke_on_lapse: bool,
+    pub lapse_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Orders {
+    pub allowed_orderers_group: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Notify {
+    pub smtp_url: String,
+    pub from: String,
+    #[serde(default = "default_language")]
+    pub language: String,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    pub expiry_warning: Option<Duration>,
+    pub smtp_user: Option<String>,
+    pub smtp_password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ticket {
+    pub kind: String,
+    pub url: String,
+    pub api_key_file: Option<PathBuf>,
+    pub import_handler: Option<String>,
+    pub secret_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Queue {
+    pub kind: String,
+    pub url: String,
+    pub stream: String,
+    pub subject: String,
+    pub durable: String,
+    pub dead_letter_subject: Option<String>,
+}
+
+fn default_language() -> String {
+    "sv".to_string()
+}
+
+// === the raw TOML schema ===
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    daemon: RawDaemon,
+    ldap: RawLdap,
+    lms: RawLms,
+    #[serde(default)]
+    courses: BTreeMap<String, RawCourse>,
+    #[serde(default)]
+    access: BTreeMap<String, RawProfile>,
+    orders: Option<Orders>,
+    notify: Option<Notify>,
+    ticket: Option<Ticket>,
+    queue: Option<Queue>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDaemon {
+    #[serde(default = "default_desired_dir")]
+    desired_dir: PathBuf,
+    #[serde(default = "default_state_dir")]
+    state_dir: PathBuf,
+    #[serde(default = "default_audit_log")]
+    audit_log: PathBuf,
+    #[serde(default = "default_resync", deserialize_with = "de_duration")]
+    resync_interval: Duration,
+    #[serde(default = "default_max_revocations")]
+    max_revocations_per_run: usize,
+    max_revocation_ratio: Option<f64>,
+    listen: Option<String>,
+}
+
+impl Default for RawDaemon {
+    fn default() -> Self {
+        RawDaemon {
+            desired_dir: default_desired_dir(),
+            state_dir: default_state_dir(),
+            audit_log: default_audit_log(),
+            resync_interval: default_resync(),
+            max_revocations_per_run: default_max_revocations(),
+            max_revocation_ratio: None,
+            listen: None,
+        }
+    }
+}
+
+fn default_desired_dir() -> PathBuf {
+    PathBuf::from("desired")
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+fn default_audit_log() -> PathBuf {
+    PathBuf::from("audit.jsonl")
+}
+fn default_resync() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_max_revocations() -> usize {
+    25
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLdap {
+    url: String,
+    #[serde(default)]
+    starttls: bool,
+    tls_ca_file: Option<PathBuf>,
+    bind_dn: Option<String>,
+    bind_password_file: Option<PathBuf>,
+    user_base: String,
+    #[serde(default = "default_user_filter")]
+    user_filter: String,
+    #[serde(default = "default_member_attribute")]
+    member_attribute: String,
+    placeholder_member: Option<String>,
+    #[serde(default = "default_page_size")]
+    page_size: u32,
+    #[serde(default = "default_range_size")]
+    range_size: u32,
+    #[serde(default = "default_ldap_timeout", deserialize_with = "de_duration")]
+    timeout: Duration,
+}
+
+fn default_user_filter() -> String {
+    "(uid={user})".to_string()
+}
+fn default_member_attribute() -> String {
+    "member".to_string()
+}
+fn default_page_size() -> u32 {
+    1000
+}
+fn default_range_size() -> u32 {
+    1500
+}
+fn default_ldap_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLms {
+    kind: String,
+    path: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCourse {
+    title: Option<String>,
+    lms_id: Option<String>,
+    url: Option<String>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    valid_for: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    title: Option<String>,
+    group: String,
+    #[serde(default)]
+    courses: Vec<String>,
+    #[serde(default)]
+    exclusive: bool,
+    #[serde(default)]
+    revoke_on_lapse: bool,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    lapse_grace: Option<Duration>,
+}
+
+fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text).map_err(serde::de::Error::custom)
+}
+
+fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(d)?;
+    parse_duration(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// Parses a humantime duration (`"90s"`, `"5m"`, `"2y"`), with an error that shows the value.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration like \"90s\", \"5m\" or \"2y\": {e}"))
+}
+
+// === loading and validation ===
+
+impl Config {
+    /// Reads, parses and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(path, &text)
+    }
+
+    /// Parses and validates config text; `path` names the file in errors and anchors relative
+    /// paths.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        let base = path
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            message,
+        };
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+
+        let daemon = validate_daemon(raw.daemon, &resolve, &invalid)?;
+        let ldap = validate_ldap(raw.ldap, &resolve, &invalid)?;
+        let lms = validate_lms(raw.lms, &resolve, &invalid)?;
+
+        let mut courses = BTreeMap::new();
+        for (key, c) in raw.courses {
+            check_name(&key).map_err(|m| invalid(&format!("courses.{key}"), m))?;
+            courses.insert(
+                key.clone(),
+                Course {
+                    title: c.title.unwrap_or_else(|| key.clone()),
+                    lms_id: c.lms_id.unwrap_or_else(|| key.clone()),
+                    url: c.url,
+                    valid_for: c.valid_for,
+                },
+            );
+        }
+
+        if raw.access.is_empty() {
+            return Err(invalid(
+                "access",
+                "no access profiles: add at least one [access.<name>] section".to_string(),
+            ));
+        }
+        let mut access = BTreeMap::new();
+        for (key, p) in raw.access {
+            let k = format!("access.{key}");
+            check_name(&key).map_err(|m| invalid(&k, m))?;
+            if p.group.trim().is_empty() || !p.group.contains('=') {
+                return Err(invalid(
+                    &format!("{k}.group"),
+                    format!("`{}` is not a group DN", p.group),
+                ));
+            }
+            for course in &p.courses {
+                if !courses.contains_key(course) {
+                    return Err(invalid(
+                        &format!("{k}.courses"),
+                        format!("course `{course}` has no [courses.{course}] section"),
+                    ));
+                }
+            }
+            access.insert(
+                key.clone(),
+                Profile {
+                    title: p.title.unwrap_or_else(|| key.clone()),
+                    group: p.group,
+                    courses: p.courses,
+                    exclusive: p.exclusive,
+                    revoke_on_lapse: p.revoke_on_lapse,
+                    lapse_grace: p.lapse_grace.unwrap_or(Duration::from_secs(30 * 24 * 3600)),
+                },
+            );
+        }
+
+        if let Some(n) = &raw.notify
+            && !matches!(n.language.as_str(), "sv" | "en")
+        {
+            return Err(invalid(
+                "notify.language",
+                format!("`{}` is not one of \"sv\", \"en\"", n.language),
+            ));
+        }
+
+        Ok(Config {
+            path: path.to_path_buf(),
+            daemon,
+            ldap,
+            lms,
+            courses,
+            access,
+            orders: raw.orders,
+            notify: raw.notify,
+            ticket: raw.ticket.map(|mut t| {
+                t.api_key_file = t.api_key_file.as_deref().map(&resolve);
+                t.secret_file = t.secret_file.as_deref().map(&resolve);
+                t
+            }),
+            queue: raw.queue,
+        })
+    }
+
+    /// Reads the LDAP bind password from `bind_password_file`; `None` means anonymous bind.
+    pub fn bind_password(&self) -> Result<Option<Secret>, ConfigError> {
+        let Some(file) = &self.ldap.bind_password_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Secret {
+            path: file.clone(),
+            key: "ldap.bind_password_file",
+            source,
+        })?;
+        // A trailing newline from `echo` or an editor is not part of the password.
+        Ok(Some(Secret(
+            text.trim_end_matches(['\n', '\r']).to_string(),
+        )))
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "`{name}` is not a valid name (use letters, digits, `-` and `_`)"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_daemon(
+    raw: RawDaemon,
+    resolve: &impl Fn(&Path) -> PathBuf,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<Daemon, ConfigError> {
+    if raw.resync_interval.is_zero() {
+        return Err(invalid(
+            "daemon.resync_interval",
+            "must be longer than 0s".to_string(),
+        ));
+    }
+    if let Some(r) = raw.max_revocation_ratio
+        && !(r > 0.0 && r <= 1.0)
+    {
+        return Err(invalid(
+            "daemon.max_revocation_ratio",
+            format!("{r} is not a share between 0 (exclusive) and 1"),
+        ));
+    }
+    let listen = match raw.listen {
+        None => None,
+        Some(text) => Some(text.parse::<SocketAddr>().map_err(|e| {
+            invalid(
+                "daemon.listen",
+                format!("`{text}` is not an address like \"127.0.0.1:9464\": {e}"),
+            )
+        })?),
+    };
+    Ok(Daemon {
+        desired_dir: resolve(&raw.desired_dir),
+        state_dir: resolve(&raw.state_dir),
+        audit_log: resolve(&raw.audit_log),
+        resync_interval: raw.resync_interval,
+        max_revocations_per_run: raw.max_revocations_per_run,
+        max_revocation_ratio: raw.max_revocation_ratio,
+        listen,
+    })
+}
+
+fn validate_ldap(
+    raw: RawLdap,
+    resolve: &impl Fn(&Path) -> PathBuf,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<Ldap, ConfigError> {
+    let url = raw.url.trim().to_string();
+    let lower = url.to_ascii_lowercase();
+    let is_ldaps = lower.starts_with("ldaps://");
+    if !is_ldaps && !lower.starts_with("ldap://") {
+        return Err(invalid(
+            "ldap.url",
+            format!("`{url}` must start with ldap:// or ldaps://"),
+        ));
+    }
+    if is_ldaps && raw.starttls {
+        return Err(invalid(
+            "ldap.starttls",
+            "StartTLS upgrades a plain ldap:// connection; with ldaps:// set starttls = false"
+                .to_string(),
+        ));
+    }
+    if raw.bind_dn.is_some() != raw.bind_password_file.is_some() {
+        return Err(invalid(
+            "ldap.bind_password_file",
+            "bind_dn and bind_password_file must be set together (or neither, for an anonymous bind)"
+                .to_string(),
+        ));
+    }
+    let filter = raw.user_filter.trim().to_string();
+    if !filter.contains("{user}") {
+        return Err(invalid(
+            "ldap.user_filter",
+            format!("`{filter}` must contain the placeholder {{user}}"),
+        ));
+    }
+    if !filter.starts_with('(') || !filter.ends_with(')') || !balanced(&filter) {
+        return Err(invalid(
+            "ldap.user_filter",
+            format!("`{filter}` is not a parenthesised LDAP filter"),
+        ));
+    }
+    let member_attribute = match raw.member_attribute.to_ascii_lowercase().as_str() {
+        "member" => MemberAttribute::Member,
+        "uniquemember" => MemberAttribute::UniqueMember,
+        "memberuid" => MemberAttribute::MemberUid,
+        other => {
+            return Err(invalid(
+                "ldap.member_attribute",
+                format!("`{other}` is not one of member, uniqueMember, memberUid"),
+            ));
+        }
+    };
+    if raw.page_size == 0 {
+        return Err(invalid("ldap.page_size", "must be at least 1".to_string()));
+    }
+    if raw.range_size == 0 {
+        return Err(invalid("ldap.range_size", "must be at least 1".to_string()));
+    }
+    if raw.user_base.trim().is_empty() {
+        return Err(invalid("ldap.user_base", "must not be empty".to_string()));
+    }
+    Ok(Ldap {
+        url,
+        starttls: raw.starttls,
+        tls_ca_file: raw.tls_ca_file.as_deref().map(resolve),
+        bind_dn: raw.bind_dn,
+        bind_password_file: raw.bind_password_file.as_deref().map(resolve),
+        user_base: raw.user_base,
+        user_filter: filter,
+        member_attribute,
+        placeholder_member: raw.placeholder_member.filter(|p| !p.trim().is_empty()),
+        page_size: raw.page_size,
+        range_size: raw.range_size,
+        timeout: raw.timeout,
+    })
+}
+
+fn balanced(filter: &str) -> bool {
+    let mut depth = 0i32;
+    for c in filter.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    depth == 0
+}
+
+fn validate_lms(
+    raw: RawLms,
+    resolve: &impl Fn(&Path) -> PathBuf,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<Lms, ConfigError> {
+    let kind = match raw.kind.as_str() {
+        "csv" => LmsKind::Csv,
+        "xlsx" => LmsKind::Xlsx,
+        "moodle" | "canvas" | "xapi" => {
+            return Err(invalid(
+                "lms.kind",
+                format!(
+                    "`{}` is not supported yet; use \"csv\" or \"xlsx\"",
+                    raw.kind
+                ),
+            ));
+        }
+        other => {
+            return Err(invalid(
+                "lms.kind",
+                format!("`{other}` is not one of \"csv\", \"xlsx\""),
+            ));
+        }
+    };
+    let Some(path) = raw.path else {
+        return Err(invalid(
+            "lms.path",
+            "the results report needs a path".to_string(),
+        ));
+    };
+    let prefix = match kind {
+        LmsKind::Csv => "csv",
+        LmsKind::Xlsx => "xlsx",
+    };
+    Ok(Lms {
+        kind,
+        label: format!("{prefix}:{}", path.display()),
+        path: resolve(&path),
+    })
+}
+
+/// A secret read from a file. Its `Debug` and `Display` never show the value.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[ldap]
+url = "ldap://127.0.0.1:389"
+bind_dn = "cn=svc,dc=example,dc=org"
+bind_password_file = "pw"
+user_base = "ou=people,dc=example,dc=org"
+
+[lms]
+kind = "csv"
+path = "lms/results.csv"
+
+[courses.wim-grund]
+lms_id = "Wim grundkurs"
+valid_for = "2y"
+
+[access.wim]
+group = "cn=wim-users,ou=groups,dc=example,dc=org"
+courses = ["wim-grund"]
+"#;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(Path::new("/etc/cg/coursegate.toml"), text)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults_and_resolved_paths() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.daemon.desired_dir, PathBuf::from("/etc/cg/desired"));
+        assert_eq!(c.daemon.max_revocations_per_run, 25);
+        assert_eq!(c.daemon.resync_interval, Duration::from_secs(300));
+        assert_eq!(c.lms.path, PathBuf::from("/etc/cg/lms/results.csv"));
+        assert_eq!(c.lms.label, "csv:lms/results.csv");
+        assert_eq!(c.ldap.user_filter, "(uid={user})");
+        assert_eq!(c.ldap.member_attribute, MemberAttribute::Member);
+        let wim = &c.access["wim"];
+        assert_eq!(wim.lapse_grace, Duration::from_secs(30 * 86400));
+        assert_eq!(c.courses["wim-grund"].lms_id, "Wim grundkurs");
+        assert_eq!(c.courses["wim-grund"].title, "wim-grund");
+        assert!(c.courses["wim-grund"].valid_for.unwrap() > Duration::from_secs(2 * 365 * 86400));
+        assert_eq!(c.ldap.bind_password_file, Some(PathBuf::from("/etc/cg/pw")));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = load(&MINIMAL.replace("[lms]", "[lms]\nkidn = 1")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("/etc/cg/coursegate.toml"), "{msg}");
+        assert!(msg.contains("kidn"), "{msg}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let err = load(&MINIMAL.replace("\"2y\"", "\"two years\"")).unwrap_err();
+        assert!(err.to_string().contains("two years"), "{err}");
+    }
+
+    #[test]
+    fn unknown_course_in_profile() {
+        let err = load(&MINIMAL.replace("courses = [\"wim-grund\"]", "courses = [\"nope\"]"))
+            .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("access.wim.courses") && msg.contains("nope"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn filter_without_placeholder_rejected() {
+        let err =
+            load(&MINIMAL.replace("user_base = ", "user_filter = \"(uid=anna)\"\nuser_base = "))
+                .unwrap_err();
+        assert!(err.to_string().contains("ldap.user_filter"), "{err}");
+    }
+
+    #[test]
+    fn bad_member_attribute_and_scheme() {
+        let err = load(&MINIMAL.replace(
+            "user_base = ",
+            "member_attribute = \"members\"\nuser_base = ",
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("ldap.member_attribute"), "{err}");
+        let err = load(&MINIMAL.replace("ldap://127", "http://127")).unwrap_err();
+        assert!(err.to_string().contains("ldap.url"), "{err}");
+        let err = load(&MINIMAL.replace(
+            "ldap://127.0.0.1:389\"",
+            "ldaps://127.0.0.1:636\"\nstarttls = true",
+        ))
+        .unwrap_err();
+        assert!(err.to_string().contains("ldap.starttls"), "{err}");
+    }
+
+    #[test]
+    fn ratio_out_of_range() {
+        let err = load(&format!("[daemon]\nmax_revocation_ratio = 1.5\n{MINIMAL}")).unwrap_err();
+        assert!(err.to_string().contains("max_revocation_ratio"), "{err}");
+    }
+
+    #[test]
+    fn secret_is_read_trimmed_and_never_debug_printed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("pw"), "s3cret-value\n").unwrap();
+        let c = Config::from_toml(&dir.path().join("c.toml"), MINIMAL).unwrap();
+        let secret = c.bind_password().unwrap().unwrap();
+        assert_eq!(secret.expose(), "s3cret-value");
+        assert!(!format!("{secret:?} {:?}", c.ldap).contains("s3cret"));
+    }
+}

@@ -1,0 +1,190 @@
+//! Distinguished names and filter values: RFC 4515 filter escaping and a DN normal form.
+//!
+//! Directory servers return DNs in whatever case and spacing they were written with, and
+//! escape characters in several equivalent ways (`\,` or `\2C`). Comparing them as strings would
+//! make coursegate grant or revoke the same membership over and over, so every DN that is used
+//! as an identity goes through [`normalize`] first.
+
+/// Escapes a value for use inside an LDAP search filter (RFC 4515): `*`, `(`, `)`, `\`, NUL and
+/// other control characters become `\XX`. Names are data, never filter syntax.
+pub fn escape_filter_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '*' | '(' | ')' | '\\' | '\0' => out.push_str(&format!("\\{:02x}", c as u32)),
+            c if c.is_ascii_control() => out.push_str(&format!("\\{:02x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Builds the filter for one user from the configured template (`{user}` is replaced by the
+/// escaped name).
+pub fn user_filter(template: &str, user: &str) -> String {
+    template.replace("{user}", &escape_filter_value(user))
+}
+
+/// Escapes an attribute value for use in a DN (RFC 4514).
+pub fn escape_dn_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 4);
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        match c {
+            ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' if i == 0 => out.push_str("\\#"),
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            '\0' => out.push_str("\\00"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The normal form of a DN used for comparisons: attribute types and values lower-cased,
+/// insignificant spaces removed, escapes decoded and written back one canonical way, and the
+/// parts of a multi-valued RDN sorted. Not a full schema-aware matcher, but it makes every
+/// spelling of the same DN that real servers produce compare equal.
+pub fn normalize(dn: &str) -> String {
+    let rdns: Vec<String> = split_unescaped(dn, ',')
+        .into_iter()
+        .filter(|r| !r.trim().is_empty())
+        .map(|rdn| {
+            let mut parts: Vec<String> = split_unescaped(&rdn, '+')
+                .into_iter()
+                .map(|ava| normalize_ava(&ava))
+                .collect();
+            parts.sort();
+            parts.join("+")
+        })
+        .collect();
+    rdns.join(",")
+}
+
+fn normalize_ava(ava: &str) -> String {
+    let (ty, value) = match find_unescaped(ava, '=') {
+        Some(i) => (&ava[..i], &ava[i + 1..]),
+        None => return ava.trim().to_lowercase(),
+    };
+    let ty = ty.trim().to_ascii_lowercase();
+    let ty = ty.strip_prefix("oid.").unwrap_or(&ty).to_string();
+    let value = value.trim_start();
+    if value.starts_with('#') {
+        return format!("{ty}={}", value.trim().to_ascii_lowercase());
+    }
+    format!("{ty}={}", escape_dn_value(&unescape(value).to_lowercase()))
+}
+
+/// Decodes RFC 4514 escapes and trims unescaped trailing spaces.
+fn unescape(value: &str) -> String {
+    let mut bytes = Vec::with_capacity(value.len());
+    let raw = value.as_bytes();
+    let mut i = 0;
+    // Index just past the last character that must be kept (escaped or non-space).
+    let mut keep = 0;
+    while i < raw.len() {
+        if raw[i] == b'\\' && i + 1 < raw.len() {
+            let hex = raw
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            match hex {
+                Some(b) => {
+                    bytes.push(b);
+                    i += 3;
+                }
+                None => {
+                    bytes.push(raw[i + 1]);
+                    i += 2;
+                }
+            }
+            keep = bytes.len();
+        } else {
+            bytes.push(raw[i]);
+            if raw[i] != b' ' {
+                keep = bytes.len();
+            }
+            i += 1;
+        }
+    }
+    bytes.truncate(keep);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn find_unescaped(s: &str, sep: char) -> Option<usize> {
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == sep {
+            return Some(i);
+        }
+    }
+    None
+}
+
+fn split_unescaped(s: &str, sep: char) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut current = String::new();
+    let mut escaped = false;
+    for c in s.chars() {
+        if escaped {
+            current.push(c);
+            escaped = false;
+        } else if c == '\\' {
+            current.push(c);
+            escaped = true;
+        } else if c == sep {
+            parts.push(std::mem::take(&mut current));
+        } else {
+            current.push(c);
+        }
+    }
+    parts.push(current);
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_values_are_escaped() {
+        assert_eq!(escape_filter_value("*"), "\\2a");
+        assert_eq!(escape_filter_value("a)(uid=*"), "a\\29\\28uid=\\2a");
+        assert_eq!(escape_filter_value("\\2a"), "\\5c2a");
+        assert_eq!(escape_filter_value("a\0b"), "a\\00b");
+        assert_eq!(escape_filter_value("örjan.åström"), "örjan.åström");
+        assert_eq!(user_filter("(uid={user})", "x*"), "(uid=x\\2a)");
+    }
+
+    #[test]
+    fn equivalent_dns_normalize_equal() {
+        let a = normalize("CN=Andersson\\, Anna,OU=People, DC=Example,DC=org");
+        let b = normalize("cn=andersson\\2c anna,ou=people,dc=example,dc=org");
+        assert_eq!(a, b);
+        assert_eq!(a, "cn=andersson\\, anna,ou=people,dc=example,dc=org");
+        assert_eq!(
+            normalize("uid=Örjan.Åström,ou=people,dc=example,dc=org"),
+            normalize("UID=örjan.åström , ou=people,dc=example,dc=org")
+        );
+        assert_eq!(
+            normalize("uid=\\c3\\b6rjan,dc=x"),
+            normalize("uid=örjan,dc=x")
+        );
+        assert_ne!(normalize("uid=a,dc=x"), normalize("uid=a\\,dc=x"));
+        assert_eq!(normalize("cn=a+sn=b,dc=x"), normalize("SN=b+CN=a,dc=x"));
+    }
+
+    #[test]
+    fn dn_values_are_escaped() {
+        assert_eq!(escape_dn_value("Andersson, Anna"), "Andersson\\, Anna");
+        assert_eq!(escape_dn_value("#x "), "\\#x\\ ");
+        assert_eq!(escape_dn_value("a+b=c"), "a\\+b\\=c");
+    }
+}

@@ -1,0 +1,513 @@
+//! One reconcile pass, shared by `plan`, `apply`, `explain`, `status` and the daemon: observe
+//! the world, decide (pure, [`crate::plan`]), carry the changes out, and recover from a run that
+//! was killed half-way.
+//!
+//! The write protocol (SPEC §6): for each batch of changes to one group the audit records are
+//! appended and fsynced first, then the directory is modified, then the ledger checkpoint is
+//! saved. A failed modify gets `outcome: not-applied` records. A crash anywhere leaves audit
+//! records that the ledger does not yet reflect; [`recover`] finds them at the start of the next
+//! run, asks the directory whether each change happened, and says so in the log.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+
+use crate::audit::{AuditLog, Event, Record};
+use crate::config::Config;
+use crate::directory::{Directory, MAX_VALUES_PER_MODIFY, MemberChange};
+use crate::lms::{CourseFacts, CourseSource};
+use crate::order::{self, Scan};
+use crate::plan::{self, Action, Change, DirectoryFacts, Plan, PlanInput};
+use crate::state::{FileStore, Ledger, Owned, StateStore, member_key, membership_key};
+use crate::{Error, Result};
+
+/// Everything one run observed.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub scan: Scan,
+    pub directory: DirectoryFacts,
+    pub courses: CourseFacts,
+    pub ledger: Ledger,
+}
+
+/// Reads orders, course results and the directory facts the decision needs.
+pub async fn observe(
+    config: &Config,
+    store: &impl StateStore,
+    dir: &mut Directory,
+    ledger: Ledger,
+    now: DateTime<Utc>,
+) -> Result<Observed> {
+    let last_good = store.load_last_good()?;
+    let is_profile = |name: &str| config.access.contains_key(name);
+    let scan = order::scan(&config.daemon.desired_dir, &is_profile, &last_good)?;
+    for bad in &scan.invalid {
+        tracing::warn!(
+            file = %bad.file,
+            last_good_in_effect = bad.last_good_in_effect,
+            "invalid order file: {}",
+            bad.message
+        );
+    }
+    for (file, why) in &scan.ignored {
+        tracing::warn!(file = %file, "ignored: {why}");
+    }
+    let courses = CourseSource::from_config(&config.lms).load().await;
+    if courses.is_unavailable() {
+        tracing::error!(
+            source = courses.source(),
+            "course results unavailable, every decision that needs them is on hold: {}",
+            courses.problems().join("; ")
+        );
+    } else {
+        for p in courses.problems() {
+            tracing::warn!(source = courses.source(), "course report: {p}");
+        }
+    }
+
+    let users: Vec<String> = scan
+        .orders
+        .iter()
+        .filter(|o| {
+            o.order.valid_from.is_none_or(|f| f <= now)
+                && o.order.valid_until.is_none_or(|u| now <= u)
+        })
+        .map(|o| o.order.user.clone())
+        .collect();
+    let mut directory = DirectoryFacts {
+        users: dir.resolve_users(&users).await,
+        groups: HashMap::new(),
+    };
+    let mut read: HashMap<String, std::result::Result<Vec<String>, String>> = HashMap::new();
+    for profile in config.access.values() {
+        let norm = crate::directory::dn::normalize(&profile.group);
+        if !read.contains_key(&norm) {
+            let members = dir.read_members(&profile.group).await.map_err(|e| {
+                tracing::error!(group = %profile.group, "cannot read group members: {e}");
+                e.to_string()
+            });
+            read.insert(norm.clone(), members);
+        }
+        directory
+            .groups
+            .insert(profile.group.clone(), read[&norm].clone());
+    }
+    Ok(Observed {
+        scan,
+        directory,
+        courses,
+        ledger,
+    })
+}
+
+/// The decision for what was observed.
+pub fn decide(
+    config: &Config,
+    observed: &Observed,
+    now: DateTime<Utc>,
+    allow_revocations: Option<usize>,
+) -> Plan {
+    plan::plan(&PlanInput {
+        config,
+        orders: &observed.scan.orders,
+        directory: &observed.directory,
+        courses: &observed.courses,
+        ledger: &observed.ledger,
+        now,
+        allow_revocations,
+    })
+}
+
+/// What carrying out a plan did.
+#[derive(Debug, Clone, Default)]
+pub struct Applied {
+    pub granted: Vec<Change>,
+    pub revoked: Vec<Change>,
+    /// Changes that could not be made, with the error.
+    pub failed: Vec<(Change, String)>,
+}
+
+/// Carries out `plan`: audit first, then the directory, then the ledger (module docs).
+pub async fn apply_plan(
+    config: &Config,
+    store: &impl StateStore,
+    audit: &mut AuditLog,
+    dir: &mut Directory,
+    ledger: &mut Ledger,
+    plan: &Plan,
+    now: DateTime<Utc>,
+) -> Result<Applied> {
+    let attr = config.ldap.member_attribute;
+    let mut applied = Applied::default();
+
+    if let Some(brake) = &plan.brake {
+        tracing::error!(
+            revocations = brake.revocations,
+            "revocation brake engaged, no revocation in this run: {}",
+            brake.reasons.join("; ")
+        );
+        audit.append(vec![Event {
+            action: "brake".to_string(),
+            reason: Some(brake.reasons.join("; ")),
+            detail: Some(serde_json::json!({
+                "revocations": brake.revocations,
+                "held": plan.held_revocations.iter().map(|c| serde_json::json!({
+                    "user": c.user, "access": c.access, "group": c.group, "member": c.member,
+                })).collect::<Vec<_>>(),
+            })),
+            ..Event::default()
+        }])?;
+    }
+
+    // Batches in plan order (grants first), one per group and action.
+    let mut batches: Vec<((String, Action), Vec<&Change>)> = Vec::new();
+    for change in &plan.changes {
+        let key = (change.group.clone(), change.action);
+        match batches.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, list)) => list.push(change),
+            None => batches.push((key, vec![change])),
+        }
+    }
+
+    for ((group, action), changes) in batches {
+        for chunk in changes.chunks(MAX_VALUES_PER_MODIFY) {
+            let events = chunk.iter().map(|c| change_event(c)).collect();
+            let seqs = audit.append(events)?;
+            let values: Vec<String> = chunk.iter().map(|c| c.member.clone()).collect();
+            let how = match action {
+                Action::Grant => MemberChange::Add,
+                Action::Revoke => MemberChange::Remove,
+            };
+            match dir.change_members(&group, how, &values).await {
+                Ok(()) => {
+                    for (change, seq) in chunk.iter().zip(&seqs) {
+                        let key = change.key(attr);
+                        match action {
+                            Action::Grant => {
+                                ledger
+                                    .owned
+                                    .insert(key, owned_from_change(change, *seq, now));
+                                applied.granted.push((*change).clone());
+                            }
+                            Action::Revoke => {
+                                ledger.owned.remove(&key);
+                                applied.revoked.push((*change).clone());
+                            }
+                        }
+                    }
+                    tracing::info!(group = %group, action = action.as_str(), count = chunk.len(), "directory changed");
+                }
+                Err(e) => {
+                    tracing::error!(group = %group, action = action.as_str(), "directory change failed: {e}");
+                    let outcomes = seqs
+                        .iter()
+                        .map(|seq| outcome_event(*seq, false, &e.to_string()))
+                        .collect();
+                    audit.append(outcomes)?;
+                    for change in chunk {
+                        applied.failed.push(((*change).clone(), e.to_string()));
+                    }
+                }
+            }
+            ledger.applied_seq = audit.last_seq();
+            store.save_ledger(ledger)?;
+        }
+    }
+
+    // Ledger bookkeeping that changes nothing in the directory.
+    let mut bookkeeping = false;
+    for (key, mark) in &plan.lapse_marks {
+        if let Some(owned) = ledger.owned.get_mut(key) {
+            owned.lapse_since = *mark;
+            bookkeeping = true;
+        }
+    }
+    if !plan.forget.is_empty() {
+        let events = plan
+            .forget
+            .iter()
+            .filter_map(|key| ledger.owned.get(key))
+            .map(|o| Event {
+                action: "drift".to_string(),
+                user: Some(o.user.clone()),
+                member: Some(o.member.clone()),
+                access: Some(o.access.clone()),
+                group: Some(o.group.clone()),
+                reason: Some(
+                    "membership granted by coursegate was removed outside coursegate; no longer owned"
+                        .to_string(),
+                ),
+                ..Event::default()
+            })
+            .collect();
+        audit.append(events)?;
+        for key in &plan.forget {
+            ledger.owned.remove(key);
+        }
+        ledger.applied_seq = audit.last_seq();
+        bookkeeping = true;
+    }
+    if bookkeeping {
+        store.save_ledger(ledger)?;
+    }
+    Ok(applied)
+}
+
+fn change_event(c: &Change) -> Event {
+    Event {
+        action: c.action.as_str().to_string(),
+        user: Some(c.user.clone()),
+        user_dn: c.user_dn.clone(),
+        member: Some(c.member.clone()),
+        access: Some(c.access.clone()),
+        group: Some(c.group.clone()),
+        order: c.order.clone(),
+        ticket: c.ticket.clone(),
+        reason: Some(c.reason.clone()),
+        evidence: c.evidence.clone(),
+        ..Event::default()
+    }
+}
+
+fn outcome_event(seq: u64, applied: bool, why: &str) -> Event {
+    Event {
+        action: "outcome".to_string(),
+        ref_seq: Some(seq),
+        outcome: Some(if applied { "applied" } else { "not-applied" }.to_string()),
+        reason: Some(why.to_string()),
+        ..Event::default()
+    }
+}
+
+fn owned_from_change(c: &Change, seq: u64, now: DateTime<Utc>) -> Owned {
+    Owned {
+        group: c.group.clone(),
+        member: c.member.clone(),
+        user: c.user.clone(),
+        user_dn: c.user_dn.clone(),
+        access: c.access.clone(),
+        order: c.order.clone(),
+        ticket: c.ticket.clone(),
+        granted_seq: seq,
+        granted_at: now,
+        lapse_since: None,
+    }
+}
+
+/// Brings the ledger up to date with audit records it does not reflect yet (a run that was
+/// killed, or a ledger that was lost: then the whole log is replayed). For each membership the
+/// latest change whose outcome is not recorded is checked against the directory, and an
+/// `outcome` record says whether it happened. Returns how many outcomes were recorded.
+pub async fn recover(
+    config: &Config,
+    store: &impl StateStore,
+    audit: &mut AuditLog,
+    dir: &mut Directory,
+    ledger: &mut Ledger,
+    now: DateTime<Utc>,
+) -> Result<usize> {
+    if ledger.applied_seq > audit.last_seq() {
+        return Err(Error::Recovery(format!(
+            "the ledger reflects audit record {} but the audit log ends at {}: the log was replaced or truncated",
+            ledger.applied_seq,
+            audit.last_seq()
+        )));
+    }
+    if ledger.applied_seq == audit.last_seq() {
+        return Ok(0);
+    }
+    let attr = config.ldap.member_attribute;
+    let records = audit.records_after(ledger.applied_seq)?;
+    let mut outcomes: HashMap<u64, bool> = HashMap::new();
+    for r in &records {
+        if r.event.action == "outcome"
+            && let (Some(seq), Some(o)) = (r.event.ref_seq, &r.event.outcome)
+        {
+            outcomes.insert(seq, o == "applied");
+        }
+    }
+    // Membership key -> its grant/revoke records in log order.
+    let mut by_key: BTreeMap<String, Vec<&Record>> = BTreeMap::new();
+    for r in &records {
+        if matches!(r.event.action.as_str(), "grant" | "revoke")
+            && let (Some(group), Some(member)) = (
+                &r.event.group,
+                r.event.member.as_ref().or(r.event.user_dn.as_ref()),
+            )
+        {
+            by_key
+                .entry(membership_key(group, member, attr))
+                .or_default()
+                .push(r);
+        }
+    }
+
+    let mut members_cache: HashMap<String, Vec<String>> = HashMap::new();
+    let mut new_outcomes = Vec::new();
+    for (key, list) in &by_key {
+        // The latest record that took effect decides ownership.
+        let mut effective: Option<&Record> = None;
+        for r in list.iter().rev() {
+            let happened = match outcomes.get(&r.seq) {
+                Some(known) => *known,
+                None => {
+                    let group = r.event.group.clone().unwrap_or_default();
+                    if !members_cache.contains_key(&group) {
+                        let m = dir.read_members(&group).await?;
+                        members_cache.insert(group.clone(), m);
+                    }
+                    let member = r
+                        .event
+                        .member
+                        .as_ref()
+                        .or(r.event.user_dn.as_ref())
+                        .map(|m| member_key(m, attr))
+                        .unwrap_or_default();
+                    let present = members_cache[&group]
+                        .iter()
+                        .any(|v| member_key(v, attr) == member);
+                    let happened = (r.event.action == "grant") == present;
+                    outcomes.insert(r.seq, happened);
+                    new_outcomes.push(outcome_event(
+                        r.seq,
+                        happened,
+                        "recovered: checked the directory after an interrupted run",
+                    ));
+                    happened
+                }
+            };
+            if happened {
+                effective = Some(r);
+                break;
+            }
+        }
+        match effective {
+            Some(r) if r.event.action == "grant" => {
+                let e = &r.event;
+                ledger.owned.insert(
+                    key.clone(),
+                    Owned {
+                        group: e.group.clone().unwrap_or_default(),
+                        member: e.member.clone().or(e.user_dn.clone()).unwrap_or_default(),
+                        user: e.user.clone().unwrap_or_default(),
+                        user_dn: e.user_dn.clone(),
+                        access: e.access.clone().unwrap_or_default(),
+                        order: e.order.clone(),
+                        ticket: e.ticket.clone(),
+                        granted_seq: r.seq,
+                        granted_at: now,
+                        lapse_since: None,
+                    },
+                );
+            }
+            Some(_) => {
+                ledger.owned.remove(key);
+            }
+            None => {}
+        }
+    }
+    let count = new_outcomes.len();
+    if count > 0 {
+        tracing::warn!(
+            count,
+            "recovered the outcome of changes from an interrupted run"
+        );
+        audit.append(new_outcomes)?;
+    }
+    ledger.applied_seq = audit.last_seq();
+    store.save_ledger(ledger)?;
+    Ok(count)
+}
+
+/// Options of one `apply` run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ApplyOptions {
+    pub allow_revocations: Option<usize>,
+}
+
+/// The result of `apply`: what was observed, decided and done.
+#[derive(Debug, Clone)]
+pub struct RunReport {
+    pub observed: Observed,
+    pub plan: Plan,
+    pub applied: Applied,
+    pub recovered: usize,
+}
+
+impl RunReport {
+    /// SPEC §7: 3 if the brake held revocations, 1 if anything did not converge (a failed
+    /// change, a decision on hold), else 0.
+    pub fn exit_code(&self) -> i32 {
+        if self.plan.brake.is_some() {
+            3
+        } else if !self.applied.failed.is_empty() || self.plan.has_holds() {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+/// Connects to the directory with the configured credentials.
+pub async fn connect(config: &Config) -> Result<Directory> {
+    let password = config.bind_password()?;
+    Ok(Directory::connect(&config.ldap, password.as_ref()).await?)
+}
+
+/// One full reconcile pass that changes the directory (`coursegate apply`).
+pub async fn apply(config: &Config, options: ApplyOptions) -> Result<RunReport> {
+    let store = FileStore::open(&config.daemon.state_dir)?;
+    let _lock = store.lock()?;
+    let mut audit = AuditLog::open(&config.daemon.audit_log, &store.anchor_path())?;
+    tracing::info!(
+        seq = audit.last_seq(),
+        hash = audit.last_hash(),
+        "audit log anchor"
+    );
+    let mut dir = connect(config).await?;
+    let now = Utc::now();
+    let mut ledger = store.load_ledger()?.unwrap_or_default();
+    let recovered = recover(config, &store, &mut audit, &mut dir, &mut ledger, now).await?;
+    let observed = observe(config, &store, &mut dir, ledger.clone(), now).await?;
+    store.save_last_good(&observed.scan.last_good)?;
+    let plan = decide(config, &observed, now, options.allow_revocations);
+    let applied = apply_plan(
+        config,
+        &store,
+        &mut audit,
+        &mut dir,
+        &mut ledger,
+        &plan,
+        now,
+    )
+    .await?;
+    tracing::info!(
+        granted = applied.granted.len(),
+        revoked = applied.revoked.len(),
+        failed = applied.failed.len(),
+        ldap_operations = dir.operations(),
+        "reconcile finished"
+    );
+    dir.close().await;
+    Ok(RunReport {
+        observed,
+        plan,
+        applied,
+        recovered,
+    })
+}
+
+/// Observes and decides without changing anything (`plan`, `explain`, `status`).
+pub async fn dry_run(
+    config: &Config,
+    allow_revocations: Option<usize>,
+) -> Result<(Observed, Plan)> {
+    let store = FileStore::open_read_only(&config.daemon.state_dir);
+    let ledger = store.load_ledger()?.unwrap_or_default();
+    let mut dir = connect(config).await?;
+    let now = Utc::now();
+    let observed = observe(config, &store, &mut dir, ledger, now).await?;
+    let plan = decide(config, &observed, now, allow_revocations);
+    dir.close().await;
+    Ok((observed, plan))
+}

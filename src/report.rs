@@ -1,0 +1,243 @@
+//! What people read: the text and JSON renderings of `plan`, `explain` and `status`.
+//!
+//! Rendering is kept apart from deciding so the support desk's wording can change without
+//! touching the decision logic, and so the JSON shape of `plan --json` (SPEC §7) lives in one
+//! place.
+
+use std::fmt::Write as _;
+
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::plan::{Change, DecisionKind, Plan};
+use crate::reconcile::Observed;
+
+fn change_json(c: &Change) -> Value {
+    json!({
+        "action": c.action.as_str(),
+        "user": c.user,
+        "access": c.access,
+        "group": c.group,
+        "order": c.order,
+        "member": c.member,
+        "reason": c.reason,
+    })
+}
+
+/// Every change a run would make, including revocations the brake would hold back.
+fn all_changes(plan: &Plan) -> impl Iterator<Item = &Change> {
+    plan.changes.iter().chain(plan.held_revocations.iter())
+}
+
+/// `plan --json`: one object with `changes` and `brake` (SPEC §7), plus decisions and problems.
+pub fn plan_json(plan: &Plan, observed: &Observed) -> Value {
+    json!({
+        "changes": all_changes(plan).map(change_json).collect::<Vec<_>>(),
+        "brake": plan.brake.is_some(),
+        "brake_reasons": plan.brake.as_ref().map(|b| b.reasons.clone()).unwrap_or_default(),
+        "decisions": plan.decisions,
+        "invalid_orders": observed.scan.invalid.iter().map(|i| json!({
+            "file": i.file,
+            "message": i.message,
+            "last_good_in_effect": i.last_good_in_effect,
+        })).collect::<Vec<_>>(),
+        "course_report_problems": observed.courses.problems(),
+        "notes": plan.notes,
+    })
+}
+
+/// `plan` for people.
+pub fn plan_text(plan: &Plan, observed: &Observed) -> String {
+    let mut out = String::new();
+    let changes: Vec<&Change> = all_changes(plan).collect();
+    if changes.is_empty() {
+        out.push_str("No changes.\n");
+    } else {
+        let _ = writeln!(out, "Changes ({}):", changes.len());
+        for c in &changes {
+            let sign = match c.action {
+                crate::plan::Action::Grant => '+',
+                crate::plan::Action::Revoke => '-',
+            };
+            let _ = writeln!(
+                out,
+                "  {sign} {:<6} {} {} → {} ({}{})",
+                c.action.as_str(),
+                c.user,
+                c.access,
+                c.group,
+                c.reason,
+                c.order
+                    .as_ref()
+                    .map(|o| format!("; order {o}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if let Some(b) = &plan.brake {
+        let _ = writeln!(
+            out,
+            "Revocation brake: the run would revoke nothing ({} revocations held): {}",
+            b.revocations,
+            b.reasons.join("; ")
+        );
+        out.push_str("  After review: coursegate apply --allow-revocations N\n");
+    }
+    write_decisions(&mut out, plan, DecisionKind::Wait, "Waiting");
+    write_decisions(
+        &mut out,
+        plan,
+        DecisionKind::Hold,
+        "On hold (unknown facts, nothing changed)",
+    );
+    write_decisions(&mut out, plan, DecisionKind::Lapse, "Lapsed (kept)");
+    write_invalid(&mut out, observed);
+    for note in &plan.notes {
+        let _ = writeln!(out, "Note: {note}");
+    }
+    out
+}
+
+fn write_decisions(out: &mut String, plan: &Plan, kind: DecisionKind, title: &str) {
+    let list: Vec<_> = plan
+        .decisions
+        .iter()
+        .filter(|d| d.decision == kind)
+        .collect();
+    if list.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "{title} ({}):", list.len());
+    for d in list {
+        let _ = writeln!(out, "  {} {}: {}", d.user, d.access, d.reason);
+    }
+}
+
+fn write_invalid(out: &mut String, observed: &Observed) {
+    if observed.scan.invalid.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "Invalid order files ({}):",
+        observed.scan.invalid.len()
+    );
+    for i in &observed.scan.invalid {
+        let kept = if i.last_good_in_effect {
+            " (its last valid version stays in effect)"
+        } else {
+            ""
+        };
+        let _ = writeln!(out, "  {}: {}{kept}", i.file, i.message);
+    }
+}
+
+/// `explain USER`: every profile the user has, wants or waits for, and why.
+pub fn explain_text(user: &str, config: &Config, plan: &Plan, observed: &Observed) -> String {
+    let mut out = String::new();
+    let wanted = user.trim().to_lowercase();
+    let _ = writeln!(out, "{user}:");
+    let mut any = false;
+    for d in plan
+        .decisions
+        .iter()
+        .filter(|d| d.user.to_lowercase() == wanted)
+    {
+        any = true;
+        let title = config
+            .access
+            .get(&d.access)
+            .map(|p| p.title.as_str())
+            .unwrap_or(&d.access);
+        let _ = writeln!(
+            out,
+            "  {} ({title}): {} — {}",
+            d.access,
+            d.decision.as_str(),
+            d.reason
+        );
+        if !d.orders.is_empty() {
+            let _ = writeln!(out, "      orders: {}", d.orders.join(", "));
+        }
+        if let Some(p) = config.access.get(&d.access) {
+            for key in &p.courses {
+                if let Some(course) = config.courses.get(key)
+                    && d.missing_courses
+                        .iter()
+                        .any(|m| m.starts_with(&course.title))
+                {
+                    let _ = writeln!(
+                        out,
+                        "      missing course: {}{}",
+                        course.title,
+                        course
+                            .url
+                            .as_ref()
+                            .map(|u| format!(" — {u}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        match d.member {
+            Some(true) => out.push_str("      currently a member of the group\n"),
+            Some(false) => out.push_str("      currently not a member of the group\n"),
+            None => {}
+        }
+    }
+    for o in observed.ledger.owned.values() {
+        if o.user.to_lowercase() == wanted
+            && !plan
+                .decisions
+                .iter()
+                .any(|d| d.user.to_lowercase() == wanted && d.access == o.access)
+        {
+            any = true;
+            let _ = writeln!(
+                out,
+                "  {}: granted by coursegate (order {}), kept",
+                o.access,
+                o.order.as_deref().unwrap_or("-")
+            );
+        }
+    }
+    if !any {
+        out.push_str("  no order names this user, and coursegate holds no access for them\n");
+    }
+    if !observed.scan.invalid.is_empty() {
+        let _ = writeln!(
+            out,
+            "  ({} invalid order file(s) in the order directory; `coursegate check` lists them)",
+            observed.scan.invalid.len()
+        );
+    }
+    out
+}
+
+/// `status`: orders by phase.
+pub fn status_text(plan: &Plan, observed: &Observed) -> String {
+    let mut out = String::new();
+    let count = |k: DecisionKind| plan.decisions.iter().filter(|d| d.decision == k).count();
+    let _ = writeln!(
+        out,
+        "granted: {}  waiting for a course: {}  on hold: {}  lapsed: {}  to revoke: {}  invalid files: {}",
+        count(DecisionKind::Grant),
+        count(DecisionKind::Wait),
+        count(DecisionKind::Hold),
+        count(DecisionKind::Lapse),
+        count(DecisionKind::Revoke),
+        observed.scan.invalid.len()
+    );
+    for kind in [
+        DecisionKind::Grant,
+        DecisionKind::Wait,
+        DecisionKind::Hold,
+        DecisionKind::Lapse,
+        DecisionKind::Revoke,
+        DecisionKind::Expired,
+    ] {
+        write_decisions(&mut out, plan, kind, kind.as_str());
+    }
+    write_invalid(&mut out, observed);
+    out
+}

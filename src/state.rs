@@ -1,0 +1,317 @@
+//! coursegate's own durable state in `state_dir`: the ownership ledger and the last valid
+//! version of every order file.
+//!
+//! The ledger is a checkpoint of the audit log: every membership coursegate added and has not
+//! removed, plus `applied_seq`, the last audit record whose outcome it reflects. Records after
+//! that are replayed (and checked against the directory) by crash recovery in
+//! [`crate::reconcile`]. Storage sits behind [`StateStore`] so that a database backend can
+//! replace the files; [`FileStore`] writes each document atomically (temp file, fsync, rename,
+//! fsync of the directory) so a crash leaves either the old or the new version.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::config::MemberAttribute;
+use crate::directory::dn;
+use crate::order::Order;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("state file {path} is corrupt: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error(
+        "state directory {path} is locked by another coursegate process (a daemon or an apply is running)"
+    )]
+    Locked { path: PathBuf },
+}
+
+/// A membership coursegate added itself and therefore may remove.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owned {
+    pub group: String,
+    /// The attribute value written: a DN, or an account name for `memberUid`.
+    pub member: String,
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_dn: Option<String>,
+    pub access: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<String>,
+    pub granted_seq: u64,
+    pub granted_at: DateTime<Utc>,
+    /// When coursegate first saw the course requirement lapse (SPEC §3 `lapse_grace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lapse_since: Option<DateTime<Utc>>,
+}
+
+/// The ownership ledger.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// The last audit record whose effect this ledger reflects.
+    pub applied_seq: u64,
+    /// [`membership_key`] -> the owned membership.
+    pub owned: BTreeMap<String, Owned>,
+}
+
+/// The identity of one membership: the group DN and the member value, both normalized.
+pub fn membership_key(group: &str, member: &str, attribute: MemberAttribute) -> String {
+    format!(
+        "{}\u{1f}{}",
+        dn::normalize(group),
+        member_key(member, attribute)
+    )
+}
+
+/// The normalized form of a member value for comparisons.
+pub fn member_key(member: &str, attribute: MemberAttribute) -> String {
+    if attribute.holds_dns() {
+        dn::normalize(member)
+    } else {
+        member.to_string()
+    }
+}
+
+impl Ledger {
+    /// How many memberships coursegate owns in `group`.
+    pub fn owned_in_group(&self, group: &str) -> usize {
+        let prefix = format!("{}\u{1f}", dn::normalize(group));
+        self.owned.keys().filter(|k| k.starts_with(&prefix)).count()
+    }
+}
+
+/// Where the durable state lives. Implemented by [`FileStore`]; kept small so a PostgreSQL
+/// backend can follow.
+pub trait StateStore {
+    /// The ledger, or `None` if none was ever written.
+    fn load_ledger(&self) -> Result<Option<Ledger>, StateError>;
+    fn save_ledger(&self, ledger: &Ledger) -> Result<(), StateError>;
+    /// The last valid version of each order file, by file name.
+    fn load_last_good(&self) -> Result<BTreeMap<String, Order>, StateError>;
+    fn save_last_good(&self, orders: &BTreeMap<String, Order>) -> Result<(), StateError>;
+}
+
+/// The file-based store: one JSON document per concern in `state_dir`.
+#[derive(Debug)]
+pub struct FileStore {
+    dir: PathBuf,
+}
+
+/// An exclusive lock on the state directory, held while a run may change anything.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: File,
+}
+
+impl FileStore {
+    /// Opens the store, creating `state_dir` (mode 0700) if needed.
+    pub fn open(dir: &Path) -> Result<FileStore, StateError> {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode_0700()
+                .create(dir)
+                .map_err(|source| io_err(dir, source))?;
+        }
+        Ok(FileStore {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Opens the store read-only: a missing directory just means "no state yet".
+    pub fn open_read_only(dir: &Path) -> FileStore {
+        FileStore {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the audit log's anchor (last seq and hash) is kept.
+    pub fn anchor_path(&self) -> PathBuf {
+        self.dir.join("audit-anchor.json")
+    }
+
+    /// Takes the exclusive lock, failing at once if another process holds it.
+    pub fn lock(&self) -> Result<StateLock, StateError> {
+        let path = self.dir.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| io_err(&path, source))?;
+        match file.try_lock() {
+            Ok(()) => Ok(StateLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => Err(StateError::Locked {
+                path: self.dir.clone(),
+            }),
+            Err(std::fs::TryLockError::Error(source)) => Err(io_err(&path, source)),
+        }
+    }
+
+    fn load<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, StateError> {
+        let path = self.dir.join(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| StateError::Corrupt {
+                        path,
+                        message: e.to_string(),
+                    })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(io_err(&path, source)),
+        }
+    }
+
+    fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
+        let path = self.dir.join(name);
+        let bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        write_atomic(&path, &bytes)
+    }
+}
+
+impl StateStore for FileStore {
+    fn load_ledger(&self) -> Result<Option<Ledger>, StateError> {
+        self.load("ledger.json")
+    }
+
+    fn save_ledger(&self, ledger: &Ledger) -> Result<(), StateError> {
+        self.save("ledger.json", ledger)
+    }
+
+    fn load_last_good(&self) -> Result<BTreeMap<String, Order>, StateError> {
+        Ok(self.load("last-good-orders.json")?.unwrap_or_default())
+    }
+
+    fn save_last_good(&self, orders: &BTreeMap<String, Order>) -> Result<(), StateError> {
+        self.save("last-good-orders.json", orders)
+    }
+}
+
+trait DirBuilderExt {
+    fn mode_0700(&mut self) -> &mut Self;
+}
+
+impl DirBuilderExt for std::fs::DirBuilder {
+    fn mode_0700(&mut self) -> &mut Self {
+        std::os::unix::fs::DirBuilderExt::mode(self, 0o700)
+    }
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> StateError {
+    StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves the old or the new content, never a mix.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().map_err(|source| {
+        let _ = std::fs::remove_file(&tmp);
+        io_err(path, source)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledger_round_trips_and_keys_normalize() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(&dir.path().join("state")).unwrap();
+        assert_eq!(store.load_ledger().unwrap(), None);
+        let mut ledger = Ledger::default();
+        let key = membership_key(
+            "CN=Wim-Users,ou=groups,dc=x",
+            "uid=Anna,ou=people,dc=x",
+            MemberAttribute::Member,
+        );
+        assert_eq!(
+            key,
+            membership_key(
+                "cn=wim-users,ou=groups,dc=x",
+                "UID=anna, ou=people,dc=x",
+                MemberAttribute::Member
+            )
+        );
+        ledger.owned.insert(
+            key,
+            Owned {
+                group: "cn=wim-users,ou=groups,dc=x".into(),
+                member: "uid=anna,ou=people,dc=x".into(),
+                user: "anna".into(),
+                user_dn: None,
+                access: "wim".into(),
+                order: Some("O-1".into()),
+                ticket: None,
+                granted_seq: 3,
+                granted_at: Utc::now(),
+                lapse_since: None,
+            },
+        );
+        ledger.applied_seq = 3;
+        store.save_ledger(&ledger).unwrap();
+        assert_eq!(store.load_ledger().unwrap(), Some(ledger.clone()));
+        assert_eq!(ledger.owned_in_group("CN=WIM-USERS,ou=groups,dc=x"), 1);
+        assert_eq!(ledger.owned_in_group("cn=pacs,ou=groups,dc=x"), 0);
+    }
+
+    #[test]
+    fn memberuid_keys_are_exact() {
+        assert_ne!(
+            membership_key("cn=g,dc=x", "Anna", MemberAttribute::MemberUid),
+            membership_key("cn=g,dc=x", "anna", MemberAttribute::MemberUid)
+        );
+    }
+
+    #[test]
+    fn corrupt_ledger_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ledger.json"), "{not json").unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let err = store.load_ledger().unwrap_err();
+        assert!(err.to_string().contains("ledger.json"), "{err}");
+    }
+
+    #[test]
+    fn second_lock_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
+        let _held = store.lock().unwrap();
+        assert!(matches!(store.lock(), Err(StateError::Locked { .. })));
+    }
+}
