@@ -672,3 +672,683 @@ fn brake(input: &PlanInput<'_>, revokes: &[Change]) -> Option<Brake> {
         reasons,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::order::Order;
+    use crate::state::Owned;
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+    use std::path::Path;
+
+    const CONFIG: &str = r#"
+[daemon]
+max_revocations_per_run = 3
+max_revocation_ratio = 0.2
+[ldap]
+url = "ldap://127.0.0.1:389"
+user_base = "ou=people,dc=x"
+placeholder_member = "cn=nobody,dc=x"
+[lms]
+kind = "csv"
+path = "r.csv"
+[courses.c1]
+lms_id = "Course One"
+[courses.c2]
+valid_for = "365d"
+[access.wim]
+group = "cn=wim,ou=groups,dc=x"
+courses = ["c1"]
+[access.pacs]
+group = "cn=pacs,ou=groups,dc=x"
+courses = ["c1", "c2"]
+[access.ex]
+group = "cn=ex,ou=groups,dc=x"
+courses = ["c1"]
+exclusive = true
+[access.strict]
+group = "cn=strict,ou=groups,dc=x"
+courses = ["c2"]
+revoke_on_lapse = true
+lapse_grace = "10d"
+"#;
+
+    fn config() -> Config {
+        Config::from_toml(Path::new("/tmp/c.toml"), CONFIG).unwrap()
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 12, 4, 12, 0, 0).unwrap()
+    }
+
+    fn dn_of(user: &str) -> String {
+        format!("uid={user},ou=people,dc=x")
+    }
+
+    fn order(id: &str, user: &str, access: &[&str]) -> LoadedOrder {
+        LoadedOrder {
+            file: format!("{id}.toml"),
+            order: Order {
+                id: id.to_string(),
+                user: user.to_string(),
+                access: access.iter().map(|a| a.to_string()).collect(),
+                ordered_by: "boss".to_string(),
+                ticket: None,
+                valid_from: None,
+                valid_until: None,
+                note: None,
+            },
+            last_good: false,
+        }
+    }
+
+    fn facts(passed: &[(&str, &str, DateTime<Utc>)]) -> CourseFacts {
+        let map = passed
+            .iter()
+            .map(|(u, c, at)| (crate::lms::course_key(u, c), *at))
+            .collect();
+        CourseFacts::from_report("csv:r.csv", map, HashMap::new(), Vec::new())
+    }
+
+    struct World {
+        config: Config,
+        orders: Vec<LoadedOrder>,
+        directory: DirectoryFacts,
+        courses: CourseFacts,
+        ledger: Ledger,
+        allow: Option<usize>,
+    }
+
+    impl World {
+        fn new(orders: Vec<LoadedOrder>, courses: CourseFacts) -> World {
+            let config = config();
+            let mut directory = DirectoryFacts::default();
+            for o in &orders {
+                directory.users.insert(
+                    o.order.user.clone(),
+                    UserLookup::Found {
+                        dn: dn_of(&o.order.user),
+                    },
+                );
+            }
+            for p in config.access.values() {
+                directory
+                    .groups
+                    .insert(p.group.clone(), Ok(vec!["cn=nobody,dc=x".to_string()]));
+            }
+            World {
+                config,
+                orders,
+                directory,
+                courses,
+                ledger: Ledger::default(),
+                allow: None,
+            }
+        }
+
+        fn plan(&self) -> Plan {
+            plan(&PlanInput {
+                config: &self.config,
+                orders: &self.orders,
+                directory: &self.directory,
+                courses: &self.courses,
+                ledger: &self.ledger,
+                now: now(),
+                allow_revocations: self.allow,
+            })
+        }
+
+        fn own(&mut self, user: &str, access: &str) {
+            let group = self.config.access[access].group.clone();
+            let member = dn_of(user);
+            self.ledger.owned.insert(
+                membership_key(&group, &member, MemberAttribute::Member),
+                Owned {
+                    group: group.clone(),
+                    member: member.clone(),
+                    user: user.to_string(),
+                    user_dn: Some(member.clone()),
+                    access: access.to_string(),
+                    order: Some("OLD".to_string()),
+                    ticket: None,
+                    granted_seq: 1,
+                    granted_at: now(),
+                    lapse_since: None,
+                },
+            );
+            self.add_member(access, &member);
+        }
+
+        fn add_member(&mut self, access: &str, value: &str) {
+            let group = self.config.access[access].group.clone();
+            if let Some(Ok(m)) = self.directory.groups.get_mut(&group) {
+                m.push(value.to_string());
+            }
+        }
+
+        /// Carries a plan out on the in-memory world, as `apply` would.
+        fn apply(&mut self, plan: &Plan) {
+            let attr = self.config.ldap.member_attribute;
+            for c in &plan.changes {
+                let key = c.key(attr);
+                if let Some(Ok(m)) = self.directory.groups.get_mut(&c.group) {
+                    match c.action {
+                        Action::Grant => m.push(c.member.clone()),
+                        Action::Revoke => {
+                            m.retain(|v| member_key(v, attr) != member_key(&c.member, attr))
+                        }
+                    }
+                }
+                match c.action {
+                    Action::Grant => {
+                        self.ledger.owned.insert(
+                            key,
+                            Owned {
+                                group: c.group.clone(),
+                                member: c.member.clone(),
+                                user: c.user.clone(),
+                                user_dn: c.user_dn.clone(),
+                                access: c.access.clone(),
+                                order: c.order.clone(),
+                                ticket: None,
+                                granted_seq: 1,
+                                granted_at: now(),
+                                lapse_since: None,
+                            },
+                        );
+                    }
+                    Action::Revoke => {
+                        self.ledger.owned.remove(&key);
+                    }
+                }
+            }
+            for (key, mark) in &plan.lapse_marks {
+                if let Some(o) = self.ledger.owned.get_mut(key) {
+                    o.lapse_since = *mark;
+                }
+            }
+            for key in &plan.forget {
+                self.ledger.owned.remove(key);
+            }
+        }
+    }
+
+    fn decision<'a>(plan: &'a Plan, user: &str, access: &str) -> &'a Decision {
+        plan.decisions
+            .iter()
+            .find(|d| d.user == user && d.access == access)
+            .unwrap_or_else(|| panic!("no decision for {user}/{access}: {:?}", plan.decisions))
+    }
+
+    #[test]
+    fn grants_only_when_every_course_passed() {
+        let passed = now() - chrono::Duration::days(10);
+        let w = World::new(
+            vec![order("O1", "anna", &["wim", "pacs"])],
+            facts(&[("anna", "course one", passed)]),
+        );
+        let p = w.plan();
+        assert_eq!(decision(&p, "anna", "wim").decision, DecisionKind::Grant);
+        let pacs = decision(&p, "anna", "pacs");
+        assert_eq!(pacs.decision, DecisionKind::Wait);
+        assert!(pacs.reason.contains("c2"), "{}", pacs.reason);
+        assert_eq!(p.changes.len(), 1);
+        let c = &p.changes[0];
+        assert_eq!(
+            (c.action, c.group.as_str()),
+            (Action::Grant, "cn=wim,ou=groups,dc=x")
+        );
+        assert_eq!(c.order.as_deref(), Some("O1"));
+        assert_eq!(c.evidence[0].course, "c1");
+        assert_eq!(c.evidence[0].source, "csv:r.csv");
+    }
+
+    #[test]
+    fn expired_pass_does_not_count() {
+        let old = now() - chrono::Duration::days(400);
+        let w = World::new(
+            vec![order("O1", "anna", &["pacs"])],
+            facts(&[("anna", "Course One", now()), ("anna", "c2", old)]),
+        );
+        let p = w.plan();
+        let d = decision(&p, "anna", "pacs");
+        assert_eq!(d.decision, DecisionKind::Wait);
+        assert!(d.reason.contains("valid for"), "{}", d.reason);
+        assert!(p.changes.is_empty());
+    }
+
+    #[test]
+    fn unknown_course_result_holds_and_changes_nothing() {
+        let mut w = World::new(
+            vec![order("O1", "anna", &["wim"]), order("O2", "bert", &["wim"])],
+            CourseFacts::unavailable("csv:r.csv", "missing"),
+        );
+        w.own("anna", "wim");
+        let p = w.plan();
+        assert_eq!(decision(&p, "anna", "wim").decision, DecisionKind::Hold);
+        assert_eq!(decision(&p, "bert", "wim").decision, DecisionKind::Hold);
+        assert!(p.changes.is_empty(), "{:?}", p.changes);
+        assert!(p.has_holds());
+    }
+
+    #[test]
+    fn withdrawn_order_revokes_owned_but_never_manual_members() {
+        let mut w = World::new(vec![], facts(&[]));
+        w.own("anna", "wim");
+        w.add_member("wim", &dn_of("manual"));
+        let p = w.plan();
+        assert_eq!(p.changes.len(), 1);
+        assert_eq!(p.changes[0].action, Action::Revoke);
+        assert_eq!(p.changes[0].member, dn_of("anna"));
+        assert_eq!(decision(&p, "anna", "wim").decision, DecisionKind::Revoke);
+    }
+
+    #[test]
+    fn validity_window() {
+        let mut future = order("O1", "anna", &["wim"]);
+        future.order.valid_from = Some(now() + chrono::Duration::days(1));
+        let mut expired = order("O2", "bert", &["wim"]);
+        expired.order.valid_until = Some(now() - chrono::Duration::days(1));
+        let mut w = World::new(
+            vec![future, expired],
+            facts(&[("anna", "Course One", now()), ("bert", "Course One", now())]),
+        );
+        w.own("bert", "wim");
+        let p = w.plan();
+        assert_eq!(decision(&p, "anna", "wim").decision, DecisionKind::Wait);
+        assert!(decision(&p, "anna", "wim").reason.contains("valid from"));
+        assert_eq!(p.changes.len(), 1);
+        assert_eq!(
+            (p.changes[0].action, p.changes[0].user.as_str()),
+            (Action::Revoke, "bert")
+        );
+        assert!(
+            p.changes[0].reason.contains("expired"),
+            "{}",
+            p.changes[0].reason
+        );
+    }
+
+    #[test]
+    fn ambiguous_or_failed_lookup_holds_even_owned() {
+        let mut w = World::new(
+            vec![order("O1", "anna", &["wim"]), order("O2", "bert", &["wim"])],
+            facts(&[]),
+        );
+        w.own("anna", "wim");
+        w.own("bert", "wim");
+        w.directory
+            .users
+            .insert("anna".into(), UserLookup::Ambiguous { count: 2 });
+        w.directory.users.insert(
+            "bert".into(),
+            UserLookup::Failed {
+                reason: "timeout".into(),
+            },
+        );
+        let p = w.plan();
+        assert_eq!(decision(&p, "anna", "wim").decision, DecisionKind::Hold);
+        assert_eq!(decision(&p, "bert", "wim").decision, DecisionKind::Hold);
+        assert!(p.changes.is_empty(), "{:?}", p.changes);
+    }
+
+    #[test]
+    fn user_gone_revokes() {
+        let mut w = World::new(
+            vec![order("O1", "anna", &["wim"])],
+            facts(&[("anna", "Course One", now())]),
+        );
+        w.own("anna", "wim");
+        w.directory
+            .users
+            .insert("anna".into(), UserLookup::NotFound);
+        let p = w.plan();
+        assert_eq!(p.changes.len(), 1);
+        assert_eq!(p.changes[0].action, Action::Revoke);
+        assert!(p.changes[0].reason.contains("no directory entry"));
+    }
+
+    #[test]
+    fn lapse_is_kept_then_revoked_after_grace_when_configured() {
+        let mut w = World::new(vec![order("O1", "anna", &["wim", "strict"])], facts(&[]));
+        w.own("anna", "wim");
+        w.own("anna", "strict");
+        let p = w.plan();
+        assert_eq!(decision(&p, "anna", "wim").decision, DecisionKind::Lapse);
+        assert_eq!(decision(&p, "anna", "strict").decision, DecisionKind::Lapse);
+        assert!(p.changes.is_empty());
+        assert_eq!(p.lapse_marks.len(), 2);
+        w.apply(&p);
+        for o in w.ledger.owned.values_mut() {
+            o.lapse_since = Some(now() - chrono::Duration::days(11));
+        }
+        let p = w.plan();
+        assert_eq!(decision(&p, "anna", "wim").decision, DecisionKind::Lapse);
+        assert_eq!(
+            decision(&p, "anna", "strict").decision,
+            DecisionKind::Revoke
+        );
+        assert_eq!(p.changes.len(), 1);
+        assert_eq!(p.changes[0].group, "cn=strict,ou=groups,dc=x");
+    }
+
+    #[test]
+    fn brake_on_total_and_allow_revocations() {
+        let mut w = World::new(vec![], facts(&[]));
+        for u in ["a", "b", "c", "d"] {
+            w.own(u, "wim");
+        }
+        let p = w.plan();
+        assert!(p.brake.is_some());
+        assert!(p.changes.is_empty());
+        assert_eq!(p.held_revocations.len(), 4);
+        w.allow = Some(4);
+        let p = w.plan();
+        assert!(p.brake.is_none());
+        assert_eq!(p.changes.len(), 4);
+        w.allow = Some(3);
+        assert!(w.plan().brake.is_some());
+    }
+
+    #[test]
+    fn ratio_brake_only_above_five_owned() {
+        let mut w = World::new(vec![], facts(&[]));
+        w.config.daemon.max_revocations_per_run = 100;
+        let keep: Vec<String> = (0..8).map(|i| format!("k{i}")).collect();
+        for u in &keep {
+            w.own(u, "wim");
+        }
+        w.orders = keep[2..]
+            .iter()
+            .map(|u| order(&format!("O-{u}"), u, &["wim"]))
+            .collect();
+        w.courses = facts(
+            &keep
+                .iter()
+                .map(|u| (u.as_str(), "Course One", now()))
+                .collect::<Vec<_>>(),
+        );
+        for u in &keep {
+            w.directory
+                .users
+                .insert(u.clone(), UserLookup::Found { dn: dn_of(u) });
+        }
+        // 2 of 8 = 25 % > 20 %.
+        let p = w.plan();
+        assert!(p.brake.is_some(), "{:?}", p.changes);
+        assert!(p.brake.unwrap().reasons[0].contains("max_revocation_ratio"));
+        // 1 of 8 = 12.5 %: passes.
+        w.orders.push(order("O-k1", "k1", &["wim"]));
+        assert!(w.plan().brake.is_none());
+        // 5 owned, 2 revoked (40 %): the ratio does not apply to small groups.
+        let mut small = World::new(vec![], facts(&[]));
+        small.config.daemon.max_revocations_per_run = 100;
+        for u in ["a", "b", "c", "d", "e"] {
+            small.own(u, "wim");
+        }
+        small.orders = ["c", "d", "e"]
+            .iter()
+            .map(|u| order(u, u, &["wim"]))
+            .collect();
+        small.courses = facts(&[
+            ("c", "Course One", now()),
+            ("d", "Course One", now()),
+            ("e", "Course One", now()),
+        ]);
+        let p = small.plan();
+        assert!(p.brake.is_none());
+        assert_eq!(p.changes.len(), 2);
+    }
+
+    #[test]
+    fn exclusive_group_removes_everyone_not_granted_except_placeholder() {
+        let mut w = World::new(
+            vec![order("O1", "anna", &["ex"]), order("O2", "wait", &["ex"])],
+            facts(&[("anna", "Course One", now())]),
+        );
+        w.add_member("ex", &dn_of("anna"));
+        w.add_member("ex", &dn_of("wait"));
+        w.add_member("ex", &dn_of("stranger"));
+        let p = w.plan();
+        let removed: BTreeSet<&str> = p
+            .changes
+            .iter()
+            .filter(|c| c.action == Action::Revoke)
+            .map(|c| c.member.as_str())
+            .collect();
+        assert_eq!(
+            removed,
+            [dn_of("stranger").as_str(), dn_of("wait").as_str()]
+                .into_iter()
+                .collect()
+        );
+        assert!(p.changes.iter().all(|c| !c.owned));
+    }
+
+    #[test]
+    fn unreadable_group_holds() {
+        let mut w = World::new(
+            vec![order("O1", "anna", &["wim"])],
+            facts(&[("anna", "Course One", now())]),
+        );
+        w.own("bert", "wim");
+        w.directory
+            .groups
+            .insert("cn=wim,ou=groups,dc=x".into(), Err("timeout".into()));
+        let p = w.plan();
+        assert_eq!(decision(&p, "anna", "wim").decision, DecisionKind::Hold);
+        assert!(p.changes.is_empty());
+    }
+
+    #[test]
+    fn unconfigured_group_is_never_touched() {
+        let mut w = World::new(vec![], facts(&[]));
+        w.own("anna", "wim");
+        w.config.access.remove("wim");
+        let p = w.plan();
+        assert!(p.changes.is_empty() && p.held_revocations.is_empty());
+        assert!(p.notes[0].contains("no longer configured"));
+    }
+
+    // === properties ===
+
+    const USERS: [&str; 5] = ["u0", "u1", "u2", "u3", "u4"];
+    const PROFILES: [&str; 4] = ["wim", "pacs", "ex", "strict"];
+
+    #[derive(Debug, Clone)]
+    struct Gen {
+        orders: Vec<(usize, Vec<usize>, i64, i64)>,
+        passed: Vec<(usize, usize, i64)>,
+        unknown: Vec<(usize, usize)>,
+        lms_down: bool,
+        lookups: Vec<u8>,
+        members: Vec<(usize, usize)>,
+        owned: Vec<(usize, usize, Option<i64>)>,
+        group_down: Option<usize>,
+    }
+
+    fn gen_world() -> impl Strategy<Value = Gen> {
+        (
+            prop::collection::vec(
+                (
+                    0..5usize,
+                    prop::collection::vec(0..4usize, 1..3),
+                    -3..3i64,
+                    -3..3i64,
+                ),
+                0..8,
+            ),
+            prop::collection::vec((0..5usize, 0..2usize, -800..0i64), 0..10),
+            prop::collection::vec((0..5usize, 0..2usize), 0..2),
+            prop::bool::weighted(0.1),
+            prop::collection::vec(0..10u8, 5),
+            prop::collection::vec((0..5usize, 0..4usize), 0..6),
+            prop::collection::vec((0..5usize, 0..4usize, prop::option::of(-20..0i64)), 0..6),
+            prop::option::weighted(0.1, 0..4usize),
+        )
+            .prop_map(
+                |(orders, passed, unknown, lms_down, lookups, members, owned, group_down)| Gen {
+                    orders,
+                    passed,
+                    unknown,
+                    lms_down,
+                    lookups,
+                    members,
+                    owned,
+                    group_down,
+                },
+            )
+    }
+
+    fn build(g: &Gen) -> World {
+        let day = chrono::Duration::days(1);
+        let orders = g
+            .orders
+            .iter()
+            .enumerate()
+            .map(|(i, (u, access, from, until))| {
+                let mut o = order(
+                    &format!("O{i}"),
+                    USERS[*u],
+                    &access.iter().map(|a| PROFILES[*a]).collect::<Vec<_>>(),
+                );
+                o.order.valid_from = (*from > 0).then(|| now() + day * (*from as i32));
+                o.order.valid_until = (*until < 0).then(|| now() + day * (*until as i32));
+                o
+            })
+            .collect();
+        let courses = ["Course One", "c2"];
+        let courses = if g.lms_down {
+            CourseFacts::unavailable("csv:r.csv", "down")
+        } else {
+            let passed = g
+                .passed
+                .iter()
+                .map(|(u, c, d)| {
+                    (
+                        crate::lms::course_key(USERS[*u], courses[*c]),
+                        now() + day * (*d as i32),
+                    )
+                })
+                .collect();
+            let unknown = g
+                .unknown
+                .iter()
+                .map(|(u, c)| {
+                    (
+                        crate::lms::course_key(USERS[*u], courses[*c]),
+                        "bad row".to_string(),
+                    )
+                })
+                .collect();
+            CourseFacts::from_report("csv:r.csv", passed, unknown, Vec::new())
+        };
+        let mut w = World::new(orders, courses);
+        for (i, u) in USERS.iter().enumerate() {
+            let lookup = match g.lookups[i] {
+                0 => UserLookup::NotFound,
+                1 => UserLookup::Ambiguous { count: 2 },
+                2 => UserLookup::Failed { reason: "x".into() },
+                _ => UserLookup::Found { dn: dn_of(u) },
+            };
+            w.directory.users.insert(u.to_string(), lookup);
+        }
+        for (u, p) in &g.members {
+            w.add_member(PROFILES[*p], &dn_of(USERS[*u]));
+        }
+        for (u, p, lapse) in &g.owned {
+            w.own(USERS[*u], PROFILES[*p]);
+            if let Some(days) = lapse {
+                let key = membership_key(
+                    &w.config.access[PROFILES[*p]].group,
+                    &dn_of(USERS[*u]),
+                    MemberAttribute::Member,
+                );
+                if let Some(o) = w.ledger.owned.get_mut(&key) {
+                    o.lapse_since = Some(now() + day * (*days as i32));
+                }
+            }
+        }
+        if let Some(p) = g.group_down {
+            let group = w.config.access[PROFILES[p]].group.clone();
+            w.directory.groups.insert(group, Err("down".into()));
+        }
+        w.config.daemon.max_revocations_per_run = 1000;
+        w.config.daemon.max_revocation_ratio = None;
+        w
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        #[test]
+        fn never_grants_without_every_course_passed(g in gen_world()) {
+            let w = build(&g);
+            let p = w.plan();
+            for c in p.changes.iter().filter(|c| c.action == Action::Grant) {
+                let profile = &w.config.access[&c.access];
+                for key in &profile.courses {
+                    let course = &w.config.courses[key];
+                    let result = w.courses.result(&c.user, &course.lms_id);
+                    let CourseResult::Passed { at, .. } = result else {
+                        panic!("granted {} {} without {key}: {result:?}", c.user, c.access);
+                    };
+                    if let Some(v) = course.valid_for {
+                        prop_assert!(at + chrono::Duration::from_std(v).unwrap() >= now());
+                    }
+                }
+                let active = w.orders.iter().any(|o| o.order.user == c.user
+                    && o.order.access.contains(&c.access) && in_window(o, now()));
+                prop_assert!(active, "granted without an active order: {c:?}");
+                let found = matches!(w.directory.users.get(&c.user), Some(UserLookup::Found { .. }));
+                prop_assert!(found);
+            }
+        }
+
+        #[test]
+        fn unknown_facts_change_nothing(g in gen_world()) {
+            let w = build(&g);
+            let p = w.plan();
+            for d in p.decisions.iter().filter(|d| d.decision == DecisionKind::Hold) {
+                let group = &w.config.access[&d.access].group;
+                for c in &p.changes {
+                    let same_group = dn::normalize(&c.group) == dn::normalize(group);
+                    let same_user = c.user.eq_ignore_ascii_case(&d.user)
+                        || c.member == dn_of(&d.user);
+                    prop_assert!(!(same_group && same_user), "hold {d:?} but change {c:?}");
+                }
+            }
+            if let Some(p_idx) = g.group_down {
+                let group = &w.config.access[PROFILES[p_idx]].group;
+                prop_assert!(p.changes.iter().all(|c| &c.group != group));
+            }
+        }
+
+        #[test]
+        fn only_configured_groups_and_only_owned_unless_exclusive(g in gen_world()) {
+            let w = build(&g);
+            let p = w.plan();
+            let attr = w.config.ldap.member_attribute;
+            for c in p.changes.iter().chain(p.held_revocations.iter()) {
+                let profile = w.config.access.values().find(|pr| pr.group == c.group);
+                prop_assert!(profile.is_some(), "unconfigured group {}", c.group);
+                if c.action == Action::Revoke && !profile.unwrap().exclusive {
+                    prop_assert!(w.ledger.owned.contains_key(&c.key(attr)), "revoked unowned {c:?}");
+                }
+                if c.action == Action::Revoke {
+                    prop_assert!(c.member != "cn=nobody,dc=x");
+                }
+            }
+        }
+
+        #[test]
+        fn applying_then_planning_again_changes_nothing(g in gen_world()) {
+            let mut w = build(&g);
+            let first = w.plan();
+            w.apply(&first);
+            let second = w.plan();
+            prop_assert!(second.changes.is_empty(), "second plan: {:?}\nfirst: {:?}", second.changes, first.changes);
+        }
+    }
+}
