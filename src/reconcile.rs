@@ -178,37 +178,46 @@ pub async fn apply_plan(
                 Action::Grant => MemberChange::Add,
                 Action::Revoke => MemberChange::Remove,
             };
-            match dir.change_members(&group, how, &values).await {
-                Ok(()) => {
-                    for (change, seq) in chunk.iter().zip(&seqs) {
-                        let key = change.key(attr);
-                        match action {
-                            Action::Grant => {
-                                ledger
-                                    .owned
-                                    .insert(key, owned_from_change(change, *seq, now));
-                                applied.granted.push((*change).clone());
-                            }
-                            Action::Revoke => {
-                                ledger.owned.remove(&key);
-                                applied.revoked.push((*change).clone());
-                            }
-                        }
-                    }
-                    tracing::info!(group = %group, action = action.as_str(), count = chunk.len(), "directory changed");
+            let failures = match dir.change_members(&group, how, &values).await {
+                Ok(failures) => failures,
+                Err(e) => (0..chunk.len()).map(|i| (i, e.clone())).collect(),
+            };
+            let mut failed_at: HashMap<usize, String> = HashMap::new();
+            for (i, e) in failures {
+                tracing::error!(group = %group, action = action.as_str(), member = %chunk[i].member, "directory change failed: {e}");
+                failed_at.insert(i, e.to_string());
+            }
+            let mut outcomes = Vec::new();
+            for (i, (change, seq)) in chunk.iter().zip(&seqs).enumerate() {
+                if let Some(why) = failed_at.get(&i) {
+                    outcomes.push(outcome_event(*seq, false, why));
+                    applied.failed.push(((*change).clone(), why.clone()));
+                    continue;
                 }
-                Err(e) => {
-                    tracing::error!(group = %group, action = action.as_str(), "directory change failed: {e}");
-                    let outcomes = seqs
-                        .iter()
-                        .map(|seq| outcome_event(*seq, false, &e.to_string()))
-                        .collect();
-                    audit.append(outcomes)?;
-                    for change in chunk {
-                        applied.failed.push(((*change).clone(), e.to_string()));
+                let key = change.key(attr);
+                match action {
+                    Action::Grant => {
+                        ledger
+                            .owned
+                            .insert(key, owned_from_change(change, *seq, now));
+                        applied.granted.push((*change).clone());
+                    }
+                    Action::Revoke => {
+                        ledger.owned.remove(&key);
+                        applied.revoked.push((*change).clone());
                     }
                 }
             }
+            if !outcomes.is_empty() {
+                audit.append(outcomes)?;
+            }
+            tracing::info!(
+                group = %group,
+                action = action.as_str(),
+                changed = chunk.len() - failed_at.len(),
+                failed = failed_at.len(),
+                "directory batch done"
+            );
             ledger.applied_seq = audit.last_seq();
             store.save_ledger(ledger)?;
         }

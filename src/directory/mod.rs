@@ -29,8 +29,17 @@ const RC_TYPE_OR_VALUE_EXISTS: u32 = 20;
 const RC_NO_SUCH_OBJECT: u32 = 32;
 const RC_OBJECT_CLASS_VIOLATION: u32 = 65;
 const RC_STRONGER_AUTH_REQUIRED: u32 = 8;
+const RC_INSUFFICIENT_ACCESS: u32 = 50;
 
-#[derive(Debug, thiserror::Error)]
+/// How one modify batch failed.
+enum ChunkError {
+    /// The server refused this batch (maybe because of one value): worth retrying per value.
+    Refused(DirectoryError),
+    /// The connection or the group itself is the problem: stop.
+    Fatal(DirectoryError),
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DirectoryError {
     #[error("cannot connect to LDAP server {url}: {message}")]
     Connect { url: String, message: String },
@@ -343,16 +352,39 @@ impl Directory {
     /// [`MAX_VALUES_PER_MODIFY`] values. Adding a value that is there or removing one that is
     /// gone counts as success. If a removal would leave a group that must have a member empty,
     /// the configured `placeholder_member` is added in the same modify.
+    ///
+    /// When the server refuses a batch because of one value (say, a non-ASCII `memberUid`),
+    /// the values are retried one by one so that one bad value does not block the others.
+    /// Returns the values that failed (index into `values`, error); `Err` means the whole
+    /// change failed (connection lost, no permission on the group).
     pub async fn change_members(
         &mut self,
         group: &str,
         change: MemberChange,
         values: &[String],
-    ) -> Result<(), DirectoryError> {
-        for chunk in values.chunks(MAX_VALUES_PER_MODIFY) {
-            self.change_chunk(group, change, chunk).await?;
+    ) -> Result<Vec<(usize, DirectoryError)>, DirectoryError> {
+        let mut failed = Vec::new();
+        for (n, chunk) in values.chunks(MAX_VALUES_PER_MODIFY).enumerate() {
+            let offset = n * MAX_VALUES_PER_MODIFY;
+            match self.change_chunk(group, change, chunk).await {
+                Ok(()) => {}
+                Err(ChunkError::Fatal(e)) => return Err(e),
+                Err(ChunkError::Refused(e)) if chunk.len() == 1 => failed.push((offset, e)),
+                Err(ChunkError::Refused(_)) => {
+                    for (i, value) in chunk.iter().enumerate() {
+                        match self
+                            .change_chunk(group, change, std::slice::from_ref(value))
+                            .await
+                        {
+                            Ok(()) => {}
+                            Err(ChunkError::Fatal(e)) => return Err(e),
+                            Err(ChunkError::Refused(e)) => failed.push((offset + i, e)),
+                        }
+                    }
+                }
+            }
         }
-        Ok(())
+        Ok(failed)
     }
 
     async fn change_chunk(
@@ -360,7 +392,13 @@ impl Directory {
         group: &str,
         change: MemberChange,
         values: &[String],
-    ) -> Result<(), DirectoryError> {
+    ) -> Result<(), ChunkError> {
+        let refused = |message: String| {
+            ChunkError::Refused(DirectoryError::Modify {
+                group: group.to_string(),
+                message,
+            })
+        };
         let mut values: Vec<String> = values.to_vec();
         let mut with_placeholder = false;
         // At most: one try, one after re-reading the group (rc 16/20), one with the placeholder.
@@ -370,7 +408,8 @@ impl Directory {
             }
             let rc = self
                 .modify(group, change, &values, with_placeholder)
-                .await?;
+                .await
+                .map_err(ChunkError::Fatal)?;
             match rc {
                 (0, _) => return Ok(()),
                 (RC_TYPE_OR_VALUE_EXISTS, _) | (RC_NO_SUCH_ATTRIBUTE, _) => {
@@ -379,7 +418,8 @@ impl Directory {
                     let attribute = self.cfg.member_attribute;
                     let current: BTreeSet<String> = self
                         .read_members(group)
-                        .await?
+                        .await
+                        .map_err(ChunkError::Fatal)?
                         .iter()
                         .map(|v| crate::state::member_key(v, attribute))
                         .collect();
@@ -393,28 +433,25 @@ impl Directory {
                 }
                 (RC_OBJECT_CLASS_VIOLATION, text) if change == MemberChange::Remove => {
                     if self.cfg.placeholder_member.is_none() || with_placeholder {
-                        return Err(DirectoryError::Modify {
-                            group: group.to_string(),
-                            message: format!(
-                                "the server refused to remove the last member ({text}); set [ldap] placeholder_member so the group keeps a placeholder member"
-                            ),
-                        });
+                        return Err(refused(format!(
+                            "the server refused to remove the last member ({text}); set [ldap] placeholder_member so the group keeps a placeholder member"
+                        )));
                     }
                     with_placeholder = true;
                 }
-                (rc, text) => {
-                    return Err(DirectoryError::Modify {
+                (RC_INSUFFICIENT_ACCESS, text) | (RC_NO_SUCH_OBJECT, text) => {
+                    // About the group, not a value: retrying value by value cannot help.
+                    return Err(ChunkError::Fatal(DirectoryError::Modify {
                         group: group.to_string(),
-                        message: format!("result code {rc}: {text}"),
-                    });
+                        message: format!("result code {}: {text}", rc.0),
+                    }));
                 }
+                (code, text) => return Err(refused(format!("result code {code}: {text}"))),
             }
         }
-        Err(DirectoryError::Modify {
-            group: group.to_string(),
-            message: "the group kept changing while coursegate modified it; will retry next run"
-                .to_string(),
-        })
+        Err(refused(
+            "the group kept changing while coursegate modified it; will retry next run".to_string(),
+        ))
     }
 
     async fn modify(

@@ -1,0 +1,158 @@
+# Shared by scripts/test.sh and scripts/demo.sh (sourced, not run): installing the OpenLDAP
+# packages the integration tests and the demo need, and running a throwaway slapd.
+# shellcheck shell=bash
+
+# The packages, and a file or command that shows each is there.
+cg_missing_packages() {
+  local missing=()
+  [ -x /usr/sbin/slapd ] || missing+=(slapd)
+  local tool
+  for tool in ldapsearch ldapadd ldapmodify ldapwhoami; do
+    if ! command -v "$tool" >/dev/null 2>&1; then
+      missing+=(ldap-utils)
+      break
+    fi
+  done
+  command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  echo "${missing[*]}"
+}
+
+# Runs a command as root: directly when we are root, else through sudo.
+cg_as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    echo "error: need root (or sudo) to run: $*" >&2
+    return 1
+  fi
+}
+
+# Installs slapd, ldap-utils and openssl if any is missing (Debian/Ubuntu). A freshly installed
+# system slapd is kept from starting (and stopped, should it start anyway): the tests and the
+# demo run their own slapd on random loopback ports and need no system service.
+cg_ensure_packages() {
+  local missing
+  missing=$(cg_missing_packages)
+  if [ -n "$missing" ]; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+      echo "error: missing $missing, and this is not a Debian/Ubuntu system (no apt-get)." >&2
+      echo "Install OpenLDAP's slapd and client tools and openssl with your package manager." >&2
+      return 1
+    fi
+    echo "Installing missing packages: $missing"
+    # policy-rc.d exit code 101 tells invoke-rc.d not to start services during installation.
+    local policy=/usr/sbin/policy-rc.d created_policy=""
+    if [ ! -e "$policy" ]; then
+      printf '#!/bin/sh\nexit 101\n' | cg_as_root tee "$policy" >/dev/null
+      cg_as_root chmod 755 "$policy"
+      created_policy=1
+    fi
+    local status=0
+    # shellcheck disable=SC2086 # $missing is a list of package names
+    cg_as_root apt-get update -qq &&
+      cg_as_root env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -qq --no-install-recommends $missing || status=$?
+    if [ -n "$created_policy" ]; then
+      cg_as_root rm -f "$policy"
+    fi
+    [ "$status" -eq 0 ] || return "$status"
+    case " $missing " in
+      *" slapd "*)
+        # Installed just now, so it is ours to stop; a slapd that was there before is left alone.
+        if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+          cg_as_root systemctl disable --now slapd >/dev/null 2>&1 || true
+        else
+          cg_as_root service slapd stop >/dev/null 2>&1 || true
+        fi
+        ;;
+    esac
+  fi
+  cg_allow_slapd_in_tmp
+}
+
+# Ubuntu confines /usr/sbin/slapd with AppArmor to its system paths; our throwaway instances live
+# in ${TMPDIR:-/tmp}/coursegate-slapd-*. Allow exactly that in the profile's local override.
+cg_allow_slapd_in_tmp() {
+  local profile=/etc/apparmor.d/usr.sbin.slapd local_file=/etc/apparmor.d/local/usr.sbin.slapd
+  [ -f "$profile" ] && [ -d /sys/kernel/security/apparmor ] || return 0
+  command -v apparmor_parser >/dev/null 2>&1 || return 0
+  local tmp=${TMPDIR:-/tmp}
+  tmp=${tmp%/}
+  local rule="$tmp/coursegate-slapd-*/** rwk,"
+  if [ -f "$local_file" ] && grep -qxF "  $rule" "$local_file"; then
+    return 0
+  fi
+  echo "Allowing slapd (AppArmor) to use $tmp/coursegate-slapd-*"
+  printf '  %s/coursegate-slapd-*/ r,\n  %s\n' "$tmp" "$rule" | cg_as_root tee -a "$local_file" >/dev/null
+  cg_as_root apparmor_parser -r "$profile"
+}
+
+# Starts a throwaway slapd in directory $1 (made by the caller, named coursegate-slapd-*) loaded
+# with the LDIF file $2, on a random free loopback port, from examples/slapd.conf.in.
+# Sets CG_SLAPD_URL, CG_SLAPD_PID, CG_ADMIN_DN and CG_ADMIN_PASSWORD. Stop it with cg_stop_slapd.
+cg_start_slapd() {
+  local dir=$1 ldif=$2 repo
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  CG_ADMIN_DN="cn=admin,dc=example,dc=org"
+  CG_ADMIN_PASSWORD="admin-$RANDOM$RANDOM"
+  mkdir -p "$dir/data"
+  local conf
+  conf=$(<"$repo/examples/slapd.conf.in")
+  conf=${conf//@DIR@/"$dir"}
+  conf=${conf//@ROOTPW@/"$CG_ADMIN_PASSWORD"}
+  conf=${conf//@TLS@/}
+  conf=${conf//@EXTRA@/}
+  printf '%s\n' "$conf" >"$dir/slapd.conf"
+  # Copied, so that a confined (AppArmor) slapd needs to read nothing outside its directory.
+  cp "$ldif" "$dir/initial.ldif"
+  /usr/sbin/slapd -T add -q -f "$dir/slapd.conf" -l "$dir/initial.ldif"
+
+  local attempt port
+  for attempt in 1 2 3 4 5 6 7 8 9 10; do
+    # Below Linux's ephemeral range, so outgoing connections do not take it.
+    port=$((20000 + RANDOM % 12000))
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      continue # something listens there
+    fi
+    CG_SLAPD_URL="ldap://127.0.0.1:$port"
+    /usr/sbin/slapd -d none -h "$CG_SLAPD_URL/" -f "$dir/slapd.conf" >"$dir/slapd.log" 2>&1 &
+    CG_SLAPD_PID=$!
+    local waited
+    for waited in $(seq 1 1000); do
+      if ! kill -0 "$CG_SLAPD_PID" 2>/dev/null; then
+        wait "$CG_SLAPD_PID" 2>/dev/null || true
+        CG_SLAPD_PID=""
+        if grep -q "errno=98" "$dir/slapd.log"; then
+          break # the port was taken after all: next attempt
+        fi
+        echo "error: slapd did not start:" >&2
+        cat "$dir/slapd.log" >&2
+        return 1
+      fi
+      if LDAPNOINIT=1 ldapwhoami -x -H "$CG_SLAPD_URL" -D "$CG_ADMIN_DN" \
+        -w "$CG_ADMIN_PASSWORD" >/dev/null 2>&1; then
+        return 0
+      fi
+      if [ "$waited" -eq 1000 ]; then
+        echo "error: slapd did not answer within 10 s:" >&2
+        cat "$dir/slapd.log" >&2
+        cg_stop_slapd
+        return 1
+      fi
+      sleep 0.01
+    done
+    echo "port $port was taken (attempt $attempt), trying another" >&2
+  done
+  echo "error: no free port for slapd" >&2
+  return 1
+}
+
+cg_stop_slapd() {
+  if [ -n "${CG_SLAPD_PID:-}" ]; then
+    kill "$CG_SLAPD_PID" 2>/dev/null || true
+    wait "$CG_SLAPD_PID" 2>/dev/null || true
+    CG_SLAPD_PID=""
+  fi
+}
