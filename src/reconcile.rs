@@ -517,6 +517,11 @@ pub async fn dry_run(
     let now = Utc::now();
     let observed = observe(config, &store, &mut dir, ledger, now).await?;
     let plan = decide(config, &observed, now, allow_revocations);
+    tracing::info!(
+        changes = plan.changes.len(),
+        ldap_operations = dir.operations(),
+        "plan computed (nothing changed)"
+    );
     dir.close().await;
     Ok((observed, plan))
 }
