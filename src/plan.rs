@@ -23,19 +23,15 @@ use crate::state::{Ledger, member_key, membership_key};
 /// What the directory said about one user name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserLookup {
-    Found {
-        dn: String,
-    },
+    /// Exactly one entry. `account` is the name as the directory spells it (the value of the
+    /// attribute the filter compares), used for `memberUid`; `None` if not known.
+    Found { dn: String, account: Option<String> },
     /// The filter matched no entry: the account is gone (or never existed).
     NotFound,
     /// The filter matched several entries: which one is meant is unknown.
-    Ambiguous {
-        count: usize,
-    },
+    Ambiguous { count: usize },
     /// The lookup itself failed.
-    Failed {
-        reason: String,
-    },
+    Failed { reason: String },
 }
 
 /// Everything read from the directory for one run.
@@ -311,10 +307,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         };
         let lookup = input.directory.users.get(user);
         let member_value = match lookup {
-            Some(UserLookup::Found { dn }) => Some(if attr.holds_dns() {
+            Some(UserLookup::Found { dn, account }) => Some(if attr.holds_dns() {
                 dn.clone()
             } else {
-                user.clone()
+                account.clone().unwrap_or_else(|| user.clone())
             }),
             _ => None,
         };
@@ -426,7 +422,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                     action: Action::Grant,
                     user: user.clone(),
                     user_dn: match lookup {
-                        Some(UserLookup::Found { dn }) => Some(dn.clone()),
+                        Some(UserLookup::Found { dn, .. }) => Some(dn.clone()),
                         _ => None,
                     },
                     member: member_value,
@@ -769,6 +765,7 @@ lapse_grace = "10d"
                     o.order.user.clone(),
                     UserLookup::Found {
                         dn: dn_of(&o.order.user),
+                        account: None,
                     },
                 );
             }
@@ -1070,9 +1067,13 @@ lapse_grace = "10d"
                 .collect::<Vec<_>>(),
         );
         for u in &keep {
-            w.directory
-                .users
-                .insert(u.clone(), UserLookup::Found { dn: dn_of(u) });
+            w.directory.users.insert(
+                u.clone(),
+                UserLookup::Found {
+                    dn: dn_of(u),
+                    account: None,
+                },
+            );
         }
         // 2 of 8 = 25 % > 20 %.
         let p = w.plan();
@@ -1250,7 +1251,10 @@ lapse_grace = "10d"
                 0 => UserLookup::NotFound,
                 1 => UserLookup::Ambiguous { count: 2 },
                 2 => UserLookup::Failed { reason: "x".into() },
-                _ => UserLookup::Found { dn: dn_of(u) },
+                _ => UserLookup::Found {
+                    dn: dn_of(u),
+                    account: None,
+                },
             };
             w.directory.users.insert(u.to_string(), lookup);
         }

@@ -8,7 +8,7 @@
 
 pub mod dn;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
@@ -211,9 +211,10 @@ impl Directory {
             .paged_search(&base, Scope::Subtree, &filter, attrs)
             .await?;
 
-        let mut matches: HashMap<String, BTreeSet<String>> = HashMap::new();
-        if users.len() == 1 {
-            let dns = entries.into_iter().map(|e| e.dn).collect();
+        // Requested name -> entry DN -> the name as the entry spells it.
+        let mut matches: HashMap<String, BTreeMap<String, Option<String>>> = HashMap::new();
+        if users.len() == 1 && self.key_attribute.is_none() {
+            let dns = entries.into_iter().map(|e| (e.dn, None)).collect();
             matches.insert(users[0].clone(), dns);
         } else if let Some(attr) = &self.key_attribute {
             // Which requested name each entry answers: compare the key attribute's values the way
@@ -233,7 +234,7 @@ impl Directory {
                         matches
                             .entry((*u).clone())
                             .or_default()
-                            .insert(entry.dn.clone());
+                            .insert(entry.dn.clone(), Some(value.clone()));
                     }
                 }
             }
@@ -242,12 +243,11 @@ impl Directory {
             .iter()
             .map(|u| {
                 let dns = matches.remove(u).unwrap_or_default();
-                let lookup = match dns.len() {
-                    0 => UserLookup::NotFound,
-                    1 => UserLookup::Found {
-                        dn: dns.into_iter().next().unwrap_or_default(),
-                    },
-                    count => UserLookup::Ambiguous { count },
+                let count = dns.len();
+                let lookup = match dns.into_iter().next() {
+                    None => UserLookup::NotFound,
+                    Some((dn, account)) if count == 1 => UserLookup::Found { dn, account },
+                    Some(_) => UserLookup::Ambiguous { count },
                 };
                 (u.clone(), lookup)
             })

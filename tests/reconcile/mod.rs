@@ -580,7 +580,8 @@ courses = ["wim-grund"]
         "bertil;Wim grundkurs;true;2026-11-01",
     ]);
     w.simple_order("A", "anna", &["posix"]);
-    w.simple_order("B", "bertil", &["posix"]);
+    // memberUid gets the account name as the directory spells it, not as the order does.
+    w.simple_order("B", "Bertil", &["posix"]);
     expect_exit(&w.run(&["apply"]), 0);
     assert_eq!(
         w.slapd.members(POSIX_GROUP, "memberUid"),
@@ -859,4 +860,38 @@ fn tampered_audit_log_fails_verify_and_blocks_apply() {
     let out = w.run(&["audit", "verify"]);
     assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
     expect_exit(&w.run(&["apply"]), 1);
+}
+
+#[test]
+fn example_config_and_orders_pass_check() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = repo.join("examples/coursegate.toml");
+    let out = run_coursegate(&config, &["check"]);
+    expect_exit(&out, 0);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("4 valid order file(s), 0 invalid"),
+        "{}",
+        describe(&out)
+    );
+
+    // Named files: one good, one bad; the bad one is named with its line.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write_file(
+        dir.path(),
+        "bad.toml",
+        "id = \"X\"\nuser = \"u\"\naccess = [\"ris\"]\nordered_by = \"m\"\n",
+    );
+    let good = repo.join("desired/BEST-2026-0042.toml");
+    let out = run_coursegate(
+        &config,
+        &["check", good.to_str().unwrap(), bad.to_str().unwrap()],
+    );
+    expect_exit(&out, 2);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml: line 3") && stderr.contains("\"ris\""),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("BEST-2026-0042"), "{stderr}");
 }
