@@ -10,8 +10,10 @@
 
 pub mod audit;
 pub mod config;
+pub mod daemon;
 pub mod directory;
 pub mod lms;
+pub mod metrics;
 pub mod order;
 pub mod plan;
 pub mod reconcile;
@@ -33,6 +35,8 @@ pub enum Error {
     Orders(#[from] order::ScanError),
     #[error("crash recovery failed: {0}")]
     Recovery(String),
+    #[error("{0}")]
+    Daemon(String),
 }
 
 impl Error {
@@ -45,6 +49,7 @@ impl Error {
             Error::State(_) => "state",
             Error::Orders(_) => "orders",
             Error::Recovery(_) => "recovery",
+            Error::Daemon(_) => "daemon",
         }
     }
 }

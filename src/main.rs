@@ -23,8 +23,17 @@ struct Cli {
     /// The config file.
     #[arg(short, long, global = true, default_value = config::DEFAULT_PATH)]
     config: PathBuf,
+    /// Log lines on standard error as human-readable text or as JSON objects.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -67,15 +76,18 @@ enum AuditCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Json => logs.json().with_current_span(true).init(),
         // Colour codes only on a terminal: journald and log files get plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -90,7 +102,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let result = runtime.block_on(run(cli.command, &config));
+    let result = runtime.block_on(run(cli.command, &cli.config, &config));
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -104,7 +116,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command, config: &Config) -> anyhow::Result<u8> {
+async fn run(command: Command, config_path: &Path, config: &Config) -> anyhow::Result<u8> {
     match command {
         Command::Check { files } => Ok(check(config, &files)),
         Command::Plan {
@@ -145,10 +157,8 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<u8> {
             Ok(u8::try_from(run.exit_code()).unwrap_or(EXIT_RUNTIME))
         }
         Command::Run => {
-            eprintln!(
-                "error: `coursegate run` (the daemon) is not part of this release yet; use `coursegate apply` from a timer"
-            );
-            Ok(EXIT_RUNTIME)
+            coursegate::daemon::run(config_path, config.clone()).await?;
+            Ok(0)
         }
         Command::Explain { user } => {
             let (observed, plan) = reconcile::dry_run(config, None).await?;
@@ -156,6 +166,10 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<u8> {
             Ok(0)
         }
         Command::Status => {
+            if let Some(text) = daemon_status(config) {
+                print!("{text}");
+                return Ok(0);
+            }
             let (observed, plan) = reconcile::dry_run(config, None).await?;
             print!("{}", report::status_text(&plan, &observed));
             Ok(0)
@@ -183,6 +197,30 @@ async fn run(command: Command, config: &Config) -> anyhow::Result<u8> {
             }
         }
     }
+}
+
+/// The running daemon's status, if a daemon holds the state lock and has published one.
+fn daemon_status(config: &Config) -> Option<String> {
+    let store = coursegate::state::FileStore::open_read_only(&config.daemon.state_dir);
+    let running = matches!(
+        store.lock(),
+        Err(coursegate::state::StateError::Locked { .. })
+    );
+    if !running {
+        return None;
+    }
+    let text = std::fs::read_to_string(store.dir().join(coursegate::daemon::STATUS_FILE)).ok()?;
+    let status: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let readiness = match status["not_ready_reason"].as_str() {
+        Some(why) => format!("NOT READY: {why}"),
+        None => "ready".to_string(),
+    };
+    Some(format!(
+        "coursegate daemon (pid {}), {readiness}, as of {}\n{}",
+        status["pid"],
+        status["updated_at"].as_str().unwrap_or("?"),
+        status["text"].as_str().unwrap_or("")
+    ))
 }
 
 /// `check`: config (already loaded) and order files. Exit 2 on any invalid file.

@@ -482,6 +482,53 @@ pub fn scan(
     is_profile: &dyn Fn(&str) -> bool,
     previous: &BTreeMap<String, Order>,
 ) -> Result<Scan, ScanError> {
+    scan_cached(dir, is_profile, previous, &mut ParseCache::default())
+}
+
+/// Parse results of unchanged files, so a long-running process re-reads only what changed.
+/// A file counts as unchanged while its size, modification time, change time and inode are
+/// the same. The cache is only valid for one set of profiles: clear it when the config changes.
+#[derive(Debug, Default)]
+pub struct ParseCache {
+    entries: BTreeMap<String, (FileStamp, Result<Order, String>)>,
+}
+
+impl ParseCache {
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+/// What identifies one version of a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+}
+
+impl FileStamp {
+    /// The stamp of `path` (following no symlink), or `None` if it cannot be read.
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).ok()?;
+        Some(FileStamp {
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// [`scan`] that reuses the parse results of files that did not change since the last call.
+pub fn scan_cached(
+    dir: &Path,
+    is_profile: &dyn Fn(&str) -> bool,
+    previous: &BTreeMap<String, Order>,
+    cache: &mut ParseCache,
+) -> Result<Scan, ScanError> {
     let read_err = |source| ScanError::ReadDir {
         path: dir.to_path_buf(),
         source,
@@ -502,9 +549,24 @@ pub fn scan(
             }
             FileKind::Toml | FileKind::Json => {}
         }
-        let result = load_file(&entry.path(), is_profile);
+        let path = entry.path();
+        let stamp = FileStamp::of(&path);
+        let result = match (stamp, cache.entries.get(&name)) {
+            (Some(now), Some((then, result))) if now == *then => result.clone(),
+            _ => {
+                let result = load_file(&path, is_profile);
+                if let Some(stamp) = stamp {
+                    cache.entries.insert(name.clone(), (stamp, result.clone()));
+                }
+                result
+            }
+        };
         parsed.push((name, result));
     }
+    let present: std::collections::HashSet<&str> = parsed.iter().map(|(n, _)| n.as_str()).collect();
+    cache
+        .entries
+        .retain(|name, _| present.contains(name.as_str()));
     parsed.sort_by(|a, b| a.0.cmp(&b.0));
 
     // SPEC §2: an id that two files share makes both invalid.
@@ -813,6 +875,28 @@ note = "ST-läkare, radiologi"
         let fourth = scan(d, &profiles, &third.last_good).unwrap();
         assert!(fourth.orders.is_empty());
         assert!(fourth.last_good.is_empty());
+    }
+
+    #[test]
+    fn cached_scan_sees_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut cache = ParseCache::default();
+        write(d, "a.toml", GOOD);
+        let first = scan_cached(d, &profiles, &BTreeMap::new(), &mut cache).unwrap();
+        assert_eq!(first.orders[0].order.user, "anna.andersson");
+        // Same length, new content: still noticed.
+        write(
+            d,
+            "a.toml",
+            &GOOD.replace("anna.andersson", "anna.anderssoX"),
+        );
+        let second = scan_cached(d, &profiles, &first.last_good, &mut cache).unwrap();
+        assert_eq!(second.orders[0].order.user, "anna.anderssoX");
+        std::fs::remove_file(d.join("a.toml")).unwrap();
+        let third = scan_cached(d, &profiles, &second.last_good, &mut cache).unwrap();
+        assert!(third.orders.is_empty());
+        assert!(cache.entries.is_empty());
     }
 
     #[test]

@@ -16,8 +16,8 @@ use crate::audit::{AuditLog, Event, Record};
 use crate::config::Config;
 use crate::directory::{Directory, MAX_VALUES_PER_MODIFY, MemberChange};
 use crate::lms::{CourseFacts, CourseSource};
-use crate::order::{self, Scan};
-use crate::plan::{self, Action, Change, DirectoryFacts, Plan, PlanInput};
+use crate::order::{self, FileStamp, Scan};
+use crate::plan::{self, Action, Change, DirectoryFacts, Plan, PlanInput, UserLookup};
 use crate::state::{FileStore, Ledger, Owned, StateStore, member_key, membership_key};
 use crate::{Error, Result};
 
@@ -30,6 +30,24 @@ pub struct Observed {
     pub ledger: Ledger,
 }
 
+/// What a long-running process keeps between passes so that a pass after one changed file
+/// costs little: parsed order files (re-read when their stamp changes), user lookups (a failed
+/// lookup is never kept) and the course report (re-read when its stamp changes). The daemon
+/// clears it at every full resync and on config reload, so cached facts are never older than
+/// `resync_interval`.
+#[derive(Debug, Default)]
+pub struct Caches {
+    orders: order::ParseCache,
+    users: HashMap<String, UserLookup>,
+    courses: Option<(Option<FileStamp>, CourseFacts)>,
+}
+
+impl Caches {
+    pub fn clear(&mut self) {
+        *self = Caches::default();
+    }
+}
+
 /// Reads orders, course results and the directory facts the decision needs.
 pub async fn observe(
     config: &Config,
@@ -38,9 +56,26 @@ pub async fn observe(
     ledger: Ledger,
     now: DateTime<Utc>,
 ) -> Result<Observed> {
+    observe_cached(config, store, dir, ledger, now, &mut Caches::default()).await
+}
+
+/// [`observe`], reusing and refreshing `caches`.
+pub async fn observe_cached(
+    config: &Config,
+    store: &impl StateStore,
+    dir: &mut Directory,
+    ledger: Ledger,
+    now: DateTime<Utc>,
+    caches: &mut Caches,
+) -> Result<Observed> {
     let last_good = store.load_last_good()?;
     let is_profile = |name: &str| config.access.contains_key(name);
-    let scan = order::scan(&config.daemon.desired_dir, &is_profile, &last_good)?;
+    let scan = order::scan_cached(
+        &config.daemon.desired_dir,
+        &is_profile,
+        &last_good,
+        &mut caches.orders,
+    )?;
     for bad in &scan.invalid {
         tracing::warn!(
             file = %bad.file,
@@ -52,7 +87,15 @@ pub async fn observe(
     for (file, why) in &scan.ignored {
         tracing::warn!(file = %file, "ignored: {why}");
     }
-    let courses = CourseSource::from_config(&config.lms).load().await;
+    let stamp = FileStamp::of(&config.lms.path);
+    let courses = match &caches.courses {
+        Some((cached, facts)) if stamp.is_some() && *cached == stamp => facts.clone(),
+        _ => {
+            let facts = CourseSource::from_config(&config.lms).load().await;
+            caches.courses = Some((stamp, facts.clone()));
+            facts
+        }
+    };
     if courses.is_unavailable() {
         tracing::error!(
             source = courses.source(),
@@ -74,10 +117,30 @@ pub async fn observe(
         })
         .map(|o| o.order.user.clone())
         .collect();
+    let wanted: std::collections::HashSet<&String> = users.iter().collect();
+    caches.users.retain(|u, _| wanted.contains(u));
+    let unknown: Vec<String> = users
+        .iter()
+        .filter(|u| !caches.users.contains_key(*u))
+        .cloned()
+        .collect();
+    for (user, lookup) in dir.resolve_users(&unknown).await {
+        if !matches!(lookup, UserLookup::Failed { .. }) {
+            caches.users.insert(user.clone(), lookup.clone());
+        }
+        caches.users.entry(user).or_insert(lookup);
+    }
     let mut directory = DirectoryFacts {
-        users: dir.resolve_users(&users).await,
+        users: users
+            .iter()
+            .filter_map(|u| caches.users.get(u).map(|l| (u.clone(), l.clone())))
+            .collect(),
         groups: HashMap::new(),
     };
+    // Failed lookups are used once, never kept.
+    caches
+        .users
+        .retain(|_, l| !matches!(l, UserLookup::Failed { .. }));
     let mut read: HashMap<String, std::result::Result<Vec<String>, String>> = HashMap::new();
     for profile in config.access.values() {
         let norm = crate::directory::dn::normalize(&profile.group);
@@ -468,36 +531,50 @@ pub async fn apply(config: &Config, options: ApplyOptions) -> Result<RunReport> 
     let store = FileStore::open(&config.daemon.state_dir)?;
     let _lock = store.lock()?;
     let mut audit = AuditLog::open(&config.daemon.audit_log, &store.anchor_path())?;
+    let mut dir = connect(config).await?;
+    let report = pass(
+        config,
+        &store,
+        &mut audit,
+        &mut dir,
+        &mut Caches::default(),
+        options,
+    )
+    .await;
+    dir.close().await;
+    report
+}
+
+/// One reconcile pass on open resources: recover, observe, decide, apply. Shared by `apply`
+/// and the daemon; the caller holds the state lock.
+pub async fn pass(
+    config: &Config,
+    store: &FileStore,
+    audit: &mut AuditLog,
+    dir: &mut Directory,
+    caches: &mut Caches,
+    options: ApplyOptions,
+) -> Result<RunReport> {
     tracing::info!(
         seq = audit.last_seq(),
         hash = audit.last_hash(),
         "audit log anchor"
     );
-    let mut dir = connect(config).await?;
     let now = Utc::now();
+    let operations_before = dir.operations();
     let mut ledger = store.load_ledger()?.unwrap_or_default();
-    let recovered = recover(config, &store, &mut audit, &mut dir, &mut ledger, now).await?;
-    let observed = observe(config, &store, &mut dir, ledger.clone(), now).await?;
+    let recovered = recover(config, store, audit, dir, &mut ledger, now).await?;
+    let observed = observe_cached(config, store, dir, ledger.clone(), now, caches).await?;
     store.save_last_good(&observed.scan.last_good)?;
     let plan = decide(config, &observed, now, options.allow_revocations);
-    let applied = apply_plan(
-        config,
-        &store,
-        &mut audit,
-        &mut dir,
-        &mut ledger,
-        &plan,
-        now,
-    )
-    .await?;
+    let applied = apply_plan(config, store, audit, dir, &mut ledger, &plan, now).await?;
     tracing::info!(
         granted = applied.granted.len(),
         revoked = applied.revoked.len(),
         failed = applied.failed.len(),
-        ldap_operations = dir.operations(),
+        ldap_operations = dir.operations() - operations_before,
         "reconcile finished"
     );
-    dir.close().await;
     Ok(RunReport {
         observed,
         plan,

@@ -5,6 +5,7 @@
 //! coursegate's and not the test directory's.
 
 mod common;
+mod daemon;
 mod reconcile;
 
 use std::collections::BTreeSet;

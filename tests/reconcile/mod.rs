@@ -12,13 +12,13 @@ use tempfile::TempDir;
 use crate::common::*;
 
 /// A test world: a slapd, a config, an order directory and a results report.
-struct World {
-    slapd: Slapd,
-    dir: TempDir,
-    config: PathBuf,
+pub struct World {
+    pub slapd: Slapd,
+    pub dir: TempDir,
+    pub config: PathBuf,
 }
 
-const COURSES: &str = r#"
+pub const COURSES: &str = r#"
 [courses.wim-grund]
 title = "Wim – grundkurs"
 lms_id = "Wim grundkurs"
@@ -39,12 +39,12 @@ courses = ["pacs-grund"]
 "#;
 
 impl World {
-    fn new() -> World {
+    pub fn new() -> World {
         World::with(Slapd::start(), "", "member", COURSES)
     }
 
     /// `daemon_extra` goes into `[daemon]`, `ldap_extra` sets `member_attribute` etc.
-    fn with(slapd: Slapd, daemon_extra: &str, member_attribute: &str, profiles: &str) -> World {
+    pub fn with(slapd: Slapd, daemon_extra: &str, member_attribute: &str, profiles: &str) -> World {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("desired")).unwrap();
         write_file(
@@ -84,15 +84,15 @@ path = "results.csv"
         World { slapd, dir, config }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    fn order(&self, name: &str, text: &str) {
+    pub fn order(&self, name: &str, text: &str) {
         write_file(&self.path("desired"), name, text);
     }
 
-    fn simple_order(&self, id: &str, user: &str, access: &[&str]) {
+    pub fn simple_order(&self, id: &str, user: &str, access: &[&str]) {
         let access: Vec<String> = access.iter().map(|a| format!("\"{a}\"")).collect();
         self.order(
             &format!("{id}.toml"),
@@ -104,11 +104,11 @@ path = "results.csv"
         );
     }
 
-    fn withdraw(&self, id: &str) {
+    pub fn withdraw(&self, id: &str) {
         std::fs::remove_file(self.path("desired").join(format!("{id}.toml"))).unwrap();
     }
 
-    fn results(&self, rows: &[&str]) {
+    pub fn results(&self, rows: &[&str]) {
         let mut text = "Username;Course;Passed;Date\n".to_string();
         for r in rows {
             text.push_str(r);
@@ -117,15 +117,15 @@ path = "results.csv"
         write_file(self.dir.path(), "results.csv", &text);
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub fn run(&self, args: &[&str]) -> Output {
         run_coursegate(&self.config, args)
     }
 
-    fn members(&self, group: &str) -> BTreeSet<String> {
+    pub fn members(&self, group: &str) -> BTreeSet<String> {
         self.slapd.members(group, "member")
     }
 
-    fn audit(&self) -> Vec<Value> {
+    pub fn audit(&self) -> Vec<Value> {
         std::fs::read_to_string(self.path("audit.jsonl"))
             .unwrap_or_default()
             .lines()
@@ -133,7 +133,7 @@ path = "results.csv"
             .collect()
     }
 
-    fn plan_json(&self) -> Value {
+    pub fn plan_json(&self) -> Value {
         let out = self.run(&["plan", "--json"]);
         serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("plan --json printed no JSON ({e}):\n{}", describe(&out)))
@@ -144,7 +144,7 @@ fn toml_string(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }
 
-fn describe(out: &Output) -> String {
+pub fn describe(out: &Output) -> String {
     format!(
         "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
         out.status.code(),
@@ -153,15 +153,15 @@ fn describe(out: &Output) -> String {
     )
 }
 
-fn expect_exit(out: &Output, code: i32) {
+pub fn expect_exit(out: &Output, code: i32) {
     assert_eq!(out.status.code(), Some(code), "{}", describe(out));
 }
 
-fn set(values: &[&str]) -> BTreeSet<String> {
+pub fn set(values: &[&str]) -> BTreeSet<String> {
     values.iter().map(|v| v.to_string()).collect()
 }
 
-fn actions(audit: &[Value], action: &str) -> Vec<Value> {
+pub fn actions(audit: &[Value], action: &str) -> Vec<Value> {
     audit
         .iter()
         .filter(|r| r["action"] == action)

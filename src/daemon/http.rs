@@ -1,0 +1,83 @@
+//! The HTTP endpoints on `listen`: `/healthz` (the process is alive), `/readyz` (the last
+//! reconcile succeeded and the peers are reachable) and `/metrics` (Prometheus text format).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+use crate::metrics::Metrics;
+
+/// What the endpoints read; written by the daemon loop.
+pub struct Shared {
+    pub metrics: Metrics,
+    /// `None` when ready, else why not.
+    pub not_ready: Mutex<Option<String>>,
+}
+
+impl Shared {
+    pub fn new() -> Shared {
+        Shared {
+            metrics: Metrics::new(),
+            not_ready: Mutex::new(Some("starting: no reconcile yet".to_string())),
+        }
+    }
+
+    pub fn set_ready(&self, why_not: Option<String>) {
+        self.metrics.set_ready(why_not.is_none());
+        if let Ok(mut guard) = self.not_ready.lock() {
+            *guard = why_not;
+        }
+    }
+
+    pub fn why_not_ready(&self) -> Option<String> {
+        self.not_ready
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_else(|_| Some("state unavailable".to_string()))
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared::new()
+    }
+}
+
+/// Binds `addr` and serves until the task is dropped. Binding errors are returned at once.
+pub async fn bind(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+) -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(shared);
+    Ok(async move { axum::serve(listener, app).await })
+}
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    match shared.why_not_ready() {
+        None => (StatusCode::OK, "ready\n".to_string()),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        shared.metrics.encode(),
+    )
+}
