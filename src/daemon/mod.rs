@@ -224,7 +224,8 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     notify(&[NotifyState::Stopping]);
     tracing::info!("stopping: no change in flight, audit log synced");
     if let Some(dir) = d.dir.take() {
-        dir.close().await;
+        // A polite unbind, but never wait on a directory that stopped answering.
+        let _ = tokio::time::timeout(Duration::from_secs(2), dir.close()).await;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -16,10 +17,11 @@ const WAIT: Duration = Duration::from_secs(20);
 
 struct Running {
     child: Child,
-    notify: UnixDatagram,
     port: u16,
     log: PathBuf,
-    received: Vec<String>,
+    /// Every datagram received on the notify socket, collected by a reader thread (like
+    /// systemd, it must always be drained, or the daemon's sends would block).
+    received: Arc<Mutex<Vec<String>>>,
 }
 
 fn free_port() -> u16 {
@@ -45,7 +47,15 @@ impl Running {
     fn spawn(w: &World, port: u16) -> Running {
         let socket = w.path("notify.sock");
         let notify = UnixDatagram::bind(&socket).unwrap();
-        notify.set_nonblocking(true).unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let sink = received.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = notify.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                sink.lock().unwrap().push(text);
+            }
+        });
         let log = w.path("daemon.log");
         let child = Command::new(coursegate_bin())
             .arg("-c")
@@ -61,10 +71,9 @@ impl Running {
             .unwrap();
         let mut r = Running {
             child,
-            notify,
             port,
             log,
-            received: Vec::new(),
+            received,
         };
         r.wait_for("READY=1 on the notify socket", |_| false);
         r
@@ -74,17 +83,12 @@ impl Running {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn drain(&mut self) {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = self.notify.recv(&mut buf) {
-            self.received
-                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
-    }
-
-    fn notified(&mut self, what: &str) -> bool {
-        self.drain();
-        self.received.iter().any(|m| m.lines().any(|l| l == what))
+    fn notified(&self, what: &str) -> bool {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|m| m.lines().any(|l| l == what))
     }
 
     /// Polls `cond` (and, for "READY=1 …" descriptions, the notify socket) until it holds.
