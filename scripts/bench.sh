@@ -43,15 +43,7 @@ for ((i = 0; i < n; i++)); do
   printf 'id = "B-%06d"\nuser = "bench%06d"\naccess = ["wim"]\nordered_by = "karin.chef"\n' "$i" "$i" >"$work/desired/B-$i.toml"
 done
 cp "$repo/examples/ldap-password" "$work/"
-awk -v url="$CG_SLAPD_URL" '
-  /^\[/ { section = $1 }
-  section == "[daemon]" && /^desired_dir *=/ { print "desired_dir = \"desired\""; next }
-  section == "[daemon]" && /^state_dir *=/ { print "state_dir = \"state\""; next }
-  section == "[daemon]" && /^audit_log *=/ { print "audit_log = \"audit.jsonl\""; next }
-  section == "[ldap]" && /^url *=/ { print "url = \"" url "\""; next }
-  section == "[lms]" && /^path *=/ { print "path = \"results.csv\""; next }
-  { print }
-' "$repo/examples/coursegate.toml" >"$work/coursegate.toml"
+cg_write_config "$work/coursegate.toml"
 
 measure() { # label, args...
   local label=$1

@@ -49,22 +49,7 @@ echo "slapd is at $CG_SLAPD_URL (data in $work/slapd)"
 cfg="$work/coursegate.toml"
 cp -r "$repo/desired" "$work/desired"
 cp "$repo/examples/results.csv" "$repo/examples/ldap-password" "$work/"
-awk -v url="$CG_SLAPD_URL" '
-  /^\[/ { section = $1 }
-  section == "[daemon]" && /^desired_dir *=/ { print "desired_dir = \"desired\""; next }
-  section == "[daemon]" && /^state_dir *=/ { print "state_dir = \"state\""; next }
-  section == "[daemon]" && /^audit_log *=/ { print "audit_log = \"audit.jsonl\""; next }
-  section == "[ldap]" && /^url *=/ { print "url = \"" url "\""; next }
-  section == "[lms]" && /^path *=/ { print "path = \"results.csv\""; next }
-  { print }
-' "$repo/examples/coursegate.toml" >"$cfg"
-for expected in 'desired_dir = "desired"' 'state_dir = "state"' 'audit_log = "audit.jsonl"' \
-  "url = \"$CG_SLAPD_URL\"" 'path = "results.csv"'; do
-  if ! grep -qxF "$expected" "$cfg"; then
-    echo "error: could not set '$expected' in the demo config; has examples/coursegate.toml changed?" >&2
-    exit 1
-  fi
-done
+cg_write_config "$cfg"
 echo "Config: $cfg (examples/coursegate.toml with url, desired_dir, state_dir, audit_log, lms.path rewritten)"
 
 failed=()

@@ -156,3 +156,29 @@ cg_stop_slapd() {
     CG_SLAPD_PID=""
   fi
 }
+
+# Writes to $1 the example config (examples/coursegate.toml) pointed at the running throwaway
+# slapd ($CG_SLAPD_URL) and at files next to $1: desired/, state/, audit.jsonl, results.csv and
+# ldap-password. `listen` is dropped (one-shot commands do not use it; benchmarks must not clash).
+cg_write_config() {
+  local cfg=$1 repo
+  repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  awk -v url="$CG_SLAPD_URL" '
+    /^\[/ { section = $1 }
+    section == "[daemon]" && /^desired_dir *=/ { print "desired_dir = \"desired\""; next }
+    section == "[daemon]" && /^state_dir *=/ { print "state_dir = \"state\""; next }
+    section == "[daemon]" && /^audit_log *=/ { print "audit_log = \"audit.jsonl\""; next }
+    section == "[daemon]" && /^listen *=/ { next }
+    section == "[ldap]" && /^url *=/ { print "url = \"" url "\""; next }
+    section == "[lms]" && /^path *=/ { print "path = \"results.csv\""; next }
+    { print }
+  ' "$repo/examples/coursegate.toml" >"$cfg"
+  local expected
+  for expected in 'desired_dir = "desired"' 'state_dir = "state"' 'audit_log = "audit.jsonl"' \
+    "url = \"$CG_SLAPD_URL\"" 'path = "results.csv"'; do
+    if ! grep -qxF "$expected" "$cfg"; then
+      echo "error: could not set '$expected' in $cfg; has examples/coursegate.toml changed?" >&2
+      return 1
+    fi
+  done
+}

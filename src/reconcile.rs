@@ -56,24 +56,24 @@ pub async fn observe(
     ledger: Ledger,
     now: DateTime<Utc>,
 ) -> Result<Observed> {
-    observe_cached(config, store, dir, ledger, now, &mut Caches::default()).await
+    let last_good = store.load_last_good()?;
+    observe_cached(config, &last_good, dir, ledger, now, &mut Caches::default()).await
 }
 
 /// [`observe`], reusing and refreshing `caches`.
 pub async fn observe_cached(
     config: &Config,
-    store: &impl StateStore,
+    last_good: &BTreeMap<String, order::Order>,
     dir: &mut Directory,
     ledger: Ledger,
     now: DateTime<Utc>,
     caches: &mut Caches,
 ) -> Result<Observed> {
-    let last_good = store.load_last_good()?;
     let is_profile = |name: &str| config.access.contains_key(name);
     let scan = order::scan_cached(
         &config.daemon.desired_dir,
         &is_profile,
-        &last_good,
+        last_good,
         &mut caches.orders,
     )?;
     for bad in &scan.invalid {
@@ -562,12 +562,22 @@ pub async fn pass(
     );
     let now = Utc::now();
     let operations_before = dir.operations();
+    let clock = std::time::Instant::now();
     let mut ledger = store.load_ledger()?.unwrap_or_default();
     let recovered = recover(config, store, audit, dir, &mut ledger, now).await?;
-    let observed = observe_cached(config, store, dir, ledger.clone(), now, caches).await?;
-    store.save_last_good(&observed.scan.last_good)?;
+    let last_good_before = store.load_last_good()?;
+    tracing::debug!(ms = clock.elapsed().as_millis(), "state loaded");
+    let observed =
+        observe_cached(config, &last_good_before, dir, ledger.clone(), now, caches).await?;
+    tracing::debug!(ms = clock.elapsed().as_millis(), "observed");
+    if observed.scan.last_good != last_good_before {
+        store.save_last_good(&observed.scan.last_good)?;
+    }
+    tracing::debug!(ms = clock.elapsed().as_millis(), "last-good saved");
     let plan = decide(config, &observed, now, options.allow_revocations);
+    tracing::debug!(ms = clock.elapsed().as_millis(), "decided");
     let applied = apply_plan(config, store, audit, dir, &mut ledger, &plan, now).await?;
+    tracing::debug!(ms = clock.elapsed().as_millis(), "applied");
     tracing::info!(
         granted = applied.granted.len(),
         revoked = applied.revoked.len(),
