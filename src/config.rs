@@ -105,6 +105,8 @@ pub struct Ldap {
     pub page_size: u32,
     pub range_size: u32,
     pub timeout: Duration,
+    /// Allow a password bind over plain `ldap://` to a host that is not loopback.
+    pub allow_insecure_bind: bool,
 }
 
 impl fmt::Debug for Ldap {
@@ -284,6 +286,8 @@ struct RawLdap {
     range_size: u32,
     #[serde(default = "default_ldap_timeout", deserialize_with = "de_duration")]
     timeout: Duration,
+    #[serde(default)]
+    allow_insecure_bind: bool,
 }
 
 fn default_user_filter() -> String {
@@ -480,10 +484,27 @@ impl Config {
             key: "ldap.bind_password_file",
             source,
         })?;
+        warn_if_readable_by_others(file, "ldap.bind_password_file");
         // A trailing newline from `echo` or an editor is not part of the password.
         Ok(Some(Secret(
             text.trim_end_matches(['\n', '\r']).to_string(),
         )))
+    }
+}
+
+/// Secrets belong to the service alone: warn when group or others may read the file.
+pub fn warn_if_readable_by_others(file: &Path, key: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(file) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %file.display(),
+                key,
+                "secret file is readable by group or others (mode {:o}); chmod 600 it or pass it with systemd's LoadCredential=",
+                mode & 0o777
+            );
+        }
     }
 }
 
@@ -567,6 +588,19 @@ fn validate_ldap(
                 .to_string(),
         ));
     }
+    if raw.bind_dn.is_some()
+        && !is_ldaps
+        && !raw.starttls
+        && !is_loopback_url(&url)
+        && !raw.allow_insecure_bind
+    {
+        return Err(invalid(
+            "ldap.url",
+            format!(
+                "`{url}` would send the bind password unencrypted: use ldaps:// or starttls = true (or, on a trusted network only, allow_insecure_bind = true)"
+            ),
+        ));
+    }
     let filter = raw.user_filter.trim().to_string();
     if !filter.contains("{user}") {
         return Err(invalid(
@@ -613,7 +647,25 @@ fn validate_ldap(
         page_size: raw.page_size,
         range_size: raw.range_size,
         timeout: raw.timeout,
+        allow_insecure_bind: raw.allow_insecure_bind,
     })
+}
+
+/// Whether an `ldap://` / `ldaps://` URL names this machine (127.0.0.0/8, `localhost`, `::1`):
+/// there a plain connection never leaves the host.
+pub fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = if let Some(v6) = rest.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        rest.split([':', '/']).next().unwrap_or("")
+    };
+    let host = host.to_ascii_lowercase();
+    host == "localhost"
+        || host == "::1"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn balanced(filter: &str) -> bool {
@@ -785,6 +837,25 @@ courses = ["wim-grund"]
         ))
         .unwrap_err();
         assert!(err.to_string().contains("ldap.starttls"), "{err}");
+    }
+
+    #[test]
+    fn plain_password_bind_to_a_remote_host_is_refused() {
+        let remote = MINIMAL.replace("ldap://127.0.0.1:389", "ldap://dc1.example.org");
+        let err = load(&remote).unwrap_err().to_string();
+        assert!(
+            err.contains("unencrypted") && err.contains("ldap.url"),
+            "{err}"
+        );
+        assert!(
+            load(&remote.replace("user_base =", "allow_insecure_bind = true\nuser_base =")).is_ok()
+        );
+        assert!(load(&remote.replace("user_base =", "starttls = true\nuser_base =")).is_ok());
+        assert!(load(&remote.replace("ldap://dc1", "ldaps://dc1")).is_ok());
+        assert!(load(&MINIMAL.replace("127.0.0.1:389", "localhost")).is_ok());
+        assert!(load(&MINIMAL.replace("127.0.0.1:389", "[::1]:389")).is_ok());
+        assert!(!is_loopback_url("ldap://127.0.0.1.evil.org"));
+        assert!(!is_loopback_url("ldap://localhost.evil.org:389"));
     }
 
     #[test]

@@ -201,8 +201,27 @@ pub fn parse(
         }
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    if let Some(at) = text.find('\0') {
+        let (line, column) = line_col(text, at);
+        return Err(OrderError {
+            line: Some(line),
+            column: Some(column),
+            message:
+                "contains NUL bytes: not a text file (binary, or UTF-16 without a byte-order mark?)"
+                    .to_string(),
+        });
+    }
     let raw = match kind {
         FileKind::Json => {
+            // serde would also read a JSON array field by field; an order is an object.
+            if !text.trim_start().starts_with('{') {
+                return Err(OrderError {
+                    line: Some(1),
+                    column: None,
+                    message: "an order must be a JSON object ({\"id\": …, \"user\": …})"
+                        .to_string(),
+                });
+            }
             let o: JsonOrder = serde_json::from_str(text).map_err(|e| OrderError {
                 line: Some(e.line()),
                 column: Some(e.column()),
@@ -239,7 +258,7 @@ pub fn parse(
                 OrderError {
                     line,
                     column,
-                    message: e.message().trim().to_string(),
+                    message: toml_message(text, line, e.message()),
                 }
             })?;
             let from = o
@@ -269,6 +288,22 @@ pub fn parse(
         }
     };
     validate(raw, text, kind, is_profile)
+}
+
+/// One line of explanation for a TOML error. A date the TOML parser cannot read shows up as a
+/// syntax error ("expected newline"); say which key and that its date is the problem.
+fn toml_message(text: &str, line: Option<usize>, message: &str) -> String {
+    let message = message.trim().replace('\n', "; ");
+    let key_on_line = line
+        .and_then(|l| text.lines().nth(l - 1))
+        .and_then(|l| l.split_once('='))
+        .map(|(key, value)| (key.trim(), value.trim()));
+    match key_on_line {
+        Some((key @ ("valid_from" | "valid_until"), value)) => format!(
+            "`{key}` = {value} is not a valid date (2027-06-30) or offset date-time (2027-06-30T08:00:00+01:00): {message}"
+        ),
+        _ => message,
+    }
 }
 
 fn strip_json_position(message: &str) -> String {
@@ -761,7 +796,18 @@ note = "ST-läkare, radiologi"
                 GOOD.replace("access = [\"wim\", \"pacs\"]", "access = \"wim\""),
                 "invalid type",
             ),
-            (GOOD.replace("= 2026-12-01", "= 2026-13-01"), ""),
+            (
+                GOOD.replace("= 2026-12-01", "= 2026-13-01"),
+                "`valid_from` = 2026-13-01 is not a valid date",
+            ),
+            (
+                GOOD.replace("= 2027-06-30", "= 10000-01-01"),
+                "`valid_until` = 10000-01-01 is not a valid date",
+            ),
+            (
+                GOOD.replace("= 2026-12-01", "= 2026-12-01T25:00:00Z"),
+                "`valid_from`",
+            ),
             ("id = ".to_string(), ""),
         ];
         for (text, expected) in cases {
@@ -795,6 +841,25 @@ note = "ST-läkare, radiologi"
         let e = json(r#"{"id":"x","user":"u","access":["wim"],"ordered_by":"m","extra":1}"#)
             .unwrap_err();
         assert!(e.to_string().contains("unknown field `extra`"), "{e}");
+    }
+
+    #[test]
+    fn every_message_is_one_line() {
+        for text in [
+            GOOD.replace("= 2027-06-30", "= 2027-02-30"),
+            GOOD.replace("[\"wim\", \"pacs\"]", "[\"wim\", \"pacs\""),
+        ] {
+            let e = toml(&text).unwrap_err().to_string();
+            assert!(!e.contains('\n'), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn json_must_be_an_object_and_nul_bytes_are_binary() {
+        let e = json(r#"["X", "bertil", ["wim"], "m", null, null, null, null]"#).unwrap_err();
+        assert!(e.to_string().contains("must be a JSON object"), "{e}");
+        let e = parse(b"{\0\"\0i\0d", FileKind::Json, &profiles).unwrap_err();
+        assert!(e.to_string().contains("NUL bytes"), "{e}");
     }
 
     #[test]

@@ -4,9 +4,11 @@
 //! The first tests check the harness itself, so that a failure elsewhere can be trusted to be
 //! coursegate's and not the test directory's.
 
+mod badinput;
 mod common;
 mod daemon;
 mod reconcile;
+mod safety;
 
 use std::collections::BTreeSet;
 use std::process::Command;

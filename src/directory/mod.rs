@@ -109,8 +109,9 @@ impl Directory {
         ldap.with_timeout(cfg.timeout);
         if let (Some(dn), Some(pw)) = (&cfg.bind_dn, password) {
             let plain = !lower.starts_with("ldaps://") && !cfg.starttls;
-            if plain && !is_loopback(&url) {
-                tracing::warn!(url = %url, "binding with a password over an unencrypted ldap:// connection; use ldaps:// or starttls = true");
+            if plain && !config::is_loopback_url(&url) {
+                // Only reachable with allow_insecure_bind = true (config validation refuses it).
+                tracing::warn!(url = %url, "binding with a password over an unencrypted ldap:// connection (allow_insecure_bind = true)");
             }
             let result =
                 ldap.simple_bind(dn, pw.expose())
@@ -511,11 +512,6 @@ impl Directory {
 
 fn fold(name: &str) -> String {
     name.trim().to_lowercase()
-}
-
-fn is_loopback(url: &str) -> bool {
-    let rest = url.split("://").nth(1).unwrap_or("");
-    rest.starts_with("127.") || rest.starts_with("localhost") || rest.starts_with("[::1]")
 }
 
 /// The attribute a filter compares with `{user}` in a plain equality `(attr={user})`, if the

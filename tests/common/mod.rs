@@ -839,13 +839,17 @@ pub fn run_with_input(mut cmd: Command, input: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("run {:?}: {e}; {INSTALL_HINT}", cmd.get_program()));
-    child
-        .stdin
-        .take()
-        .expect("stdin is piped")
-        .write_all(input.as_bytes())
+    // Feed stdin from another thread: the tool prints a line per entry, and with a large input
+    // both pipes fill up and each side would wait for the other.
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let input = input.as_bytes().to_vec();
+    let writer = std::thread::spawn(move || stdin.write_all(&input));
+    let output = child.wait_with_output().expect("wait for the LDAP tool");
+    writer
+        .join()
+        .expect("stdin writer thread")
         .expect("write LDIF to the LDAP tool");
-    child.wait_with_output().expect("wait for the LDAP tool")
+    output
 }
 
 fn check_output(what: &str, out: &Output) {

@@ -15,7 +15,7 @@ use crate::reconcile::{COURSES, World, describe, expect_exit};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-struct Running {
+pub struct Running {
     child: Child,
     port: u16,
     log: PathBuf,
@@ -32,7 +32,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn world() -> (World, u16) {
+pub fn world() -> (World, u16) {
     let port = free_port();
     let w = World::with(
         Slapd::start(),
@@ -44,7 +44,15 @@ fn world() -> (World, u16) {
 }
 
 impl Running {
-    fn spawn(w: &World, port: u16) -> Running {
+    /// Starts the daemon and waits for READY=1.
+    pub fn spawn(w: &World, port: u16) -> Running {
+        let mut r = Running::spawn_unready(w, port);
+        r.wait_for("READY=1 on the notify socket", |_| false);
+        r
+    }
+
+    /// Starts the daemon without waiting for it to become ready.
+    pub fn spawn_unready(w: &World, port: u16) -> Running {
         let socket = w.path("notify.sock");
         let notify = UnixDatagram::bind(&socket).unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
@@ -69,17 +77,15 @@ impl Running {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut r = Running {
+        Running {
             child,
             port,
             log,
             received,
-        };
-        r.wait_for("READY=1 on the notify socket", |_| false);
-        r
+        }
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
@@ -92,7 +98,7 @@ impl Running {
     }
 
     /// Polls `cond` (and, for "READY=1 …" descriptions, the notify socket) until it holds.
-    fn wait_for(&mut self, what: &str, mut cond: impl FnMut(&Running) -> bool) {
+    pub fn wait_for(&mut self, what: &str, mut cond: impl FnMut(&Running) -> bool) {
         let deadline = Instant::now() + WAIT;
         let notify_line = what.split(' ').next().unwrap_or("").to_string();
         loop {
@@ -115,7 +121,7 @@ impl Running {
         }
     }
 
-    fn http(&self, path: &str) -> (u16, String) {
+    pub fn http(&self, path: &str) -> (u16, String) {
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return (0, String::new());
         };
@@ -141,7 +147,7 @@ impl Running {
     }
 
     /// SIGTERM, then the exit code (panics if it does not stop in time).
-    fn terminate(&mut self) -> Option<i32> {
+    pub fn terminate(&mut self) -> Option<i32> {
         self.signal("TERM");
         let deadline = Instant::now() + WAIT;
         loop {

@@ -723,6 +723,16 @@ fn secrets_never_reach_the_output() {
         !all.contains(SERVICE_PASSWORD),
         "the bind password was printed"
     );
+    // The password file is world-readable here (mode 644): coursegate says so.
+    assert!(all.contains("readable by group or others"), "{all}");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        w.path("ldap-password"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let out = w.run(&["plan"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("readable by group or others"));
     // A wrong password: the error names the DN and the file, not the password.
     write_file(w.dir.path(), "ldap-password", "wrong-secret-value\n");
     let out = w.run(&["plan"]);
