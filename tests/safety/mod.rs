@@ -48,12 +48,12 @@ impl Rng {
 /// A world of `n` users who all passed the Wim course, each with an order file, and no brake
 /// (the tests withdraw many orders at once on purpose).
 fn big_world(n: usize) -> (World, Vec<String>, Vec<String>) {
-    let w = World::with(
-        Slapd::start(),
-        "max_revocations_per_run = 1000000",
-        "member",
-        COURSES,
-    );
+    world_with_orders(n, "max_revocations_per_run = 1000000")
+}
+
+/// `n` users who passed, each with an order; `daemon_extra` goes into `[daemon]`.
+fn world_with_orders(n: usize, daemon_extra: &str) -> (World, Vec<String>, Vec<String>) {
+    let w = World::with(Slapd::start(), daemon_extra, "member", COURSES);
     let users: Vec<String> = (0..n).map(|i| format!("p{i:05}")).collect();
     let pairs: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), u.as_str())).collect();
     let dns = w.slapd.add_users(&pairs);
@@ -506,4 +506,31 @@ fn read_only_audit_log_blocks_every_change() {
     );
     let expected: BTreeSet<String> = [bertil].into_iter().collect();
     assert_eq!(replay(&audit_at(&disk.0)), expected);
+}
+
+#[test]
+fn emptying_the_order_directory_by_mistake_revokes_nothing() {
+    // Default brake: at most 25 revocations per run.
+    let (w, users, _) = world_with_orders(40, "");
+    expect_exit(&w.run(&["apply"]), 0);
+    assert_eq!(w.members(WIM_GROUP).len(), 41);
+    for u in &users {
+        w.withdraw(u);
+    }
+    let out = w.run(&["apply"]);
+    expect_exit(&out, 3);
+    assert_eq!(
+        w.members(WIM_GROUP).len(),
+        41,
+        "the brake must hold every revocation"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Revocation brake"),
+        "{}",
+        describe(&out)
+    );
+    // The directory itself gone: an error, not an empty desired state.
+    std::fs::remove_dir_all(w.path("desired")).unwrap();
+    expect_exit(&w.run(&["apply", "--allow-revocations", "100"]), 1);
+    assert_eq!(w.members(WIM_GROUP).len(), 41);
 }
