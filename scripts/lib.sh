@@ -182,3 +182,31 @@ cg_write_config() {
     fi
   done
 }
+
+# Makes sure a NATS server with JetStream listens on 127.0.0.1:4222 (the queue tests use it):
+# installs the Debian package nats-server if needed and starts it in the background.
+cg_ensure_nats() {
+  if (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
+    return 0
+  fi
+  if ! command -v nats-server >/dev/null 2>&1 && [ ! -x /usr/sbin/nats-server ]; then
+    echo "Installing nats-server"
+    cg_as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive cg_as_root apt-get install -y -qq nats-server
+  fi
+  local bin
+  bin=$(command -v nats-server || echo /usr/sbin/nats-server)
+  local store=${TMPDIR:-/tmp}/coursegate-nats-store
+  mkdir -p "$store"
+  echo "Starting nats-server with JetStream on 127.0.0.1:4222"
+  "$bin" -a 127.0.0.1 -p 4222 -js -sd "$store" >"$store/nats.log" 2>&1 &
+  local i
+  for i in $(seq 1 100); do
+    if (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "error: nats-server did not start; see $store/nats.log" >&2
+  return 1
+}

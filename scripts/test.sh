@@ -21,6 +21,7 @@ if command -v rustup >/dev/null 2>&1; then
   done
 fi
 cg_ensure_packages
+cg_ensure_nats
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -193,6 +193,8 @@ pub struct Queue {
     pub subject: String,
     pub durable: String,
     pub dead_letter_subject: Option<String>,
+    /// NATS credentials (`.creds`) file, if the server wants one.
+    pub credentials_file: Option<PathBuf>,
 }
 
 fn default_language() -> String {
@@ -470,7 +472,19 @@ impl Config {
                 t.secret_file = t.secret_file.as_deref().map(&resolve);
                 t
             }),
-            queue: raw.queue,
+            queue: match raw.queue {
+                Some(q) if q.kind != "nats" => {
+                    return Err(invalid(
+                        "queue.kind",
+                        format!("`{}` is not supported; use \"nats\"", q.kind),
+                    ));
+                }
+                Some(mut q) => {
+                    q.credentials_file = q.credentials_file.as_deref().map(&resolve);
+                    Some(q)
+                }
+                None => None,
+            },
         })
     }
 

@@ -16,6 +16,7 @@ pub mod lms;
 pub mod metrics;
 pub mod order;
 pub mod plan;
+pub mod queue;
 pub mod reconcile;
 pub mod report;
 pub mod state;

@@ -37,6 +37,8 @@ pub struct Metrics {
     brake: Gauge,
     last_success: Gauge<f64, AtomicU64>,
     ready: Gauge,
+    queue_messages: Family<Labels, Counter>,
+    queue_connected: Gauge,
 }
 
 impl Default for Metrics {
@@ -62,6 +64,8 @@ impl Metrics {
             brake: Gauge::default(),
             last_success: Gauge::default(),
             ready: Gauge::default(),
+            queue_messages: Family::default(),
+            queue_connected: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -128,6 +132,16 @@ impl Metrics {
             "ready",
             "1 if the last reconcile succeeded and the peers are reachable",
             m.ready.clone(),
+        );
+        registry.register(
+            "queue_messages",
+            "Order queue messages by result (written, withdrawn, dead_letter, write_failed)",
+            m.queue_messages.clone(),
+        );
+        registry.register(
+            "queue_connected",
+            "1 while the order queue is being consumed",
+            m.queue_connected.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -201,6 +215,16 @@ impl Metrics {
     /// Counts a directory error outside a pass (connect, probe).
     pub fn record_ldap_error(&self, kind: &str) {
         self.ldap_errors.get_or_create(&label("kind", kind)).inc();
+    }
+
+    pub fn record_queue(&self, result: &str) {
+        self.queue_messages
+            .get_or_create(&label("result", result))
+            .inc();
+    }
+
+    pub fn set_queue_connected(&self, connected: bool) {
+        self.queue_connected.set(i64::from(connected));
     }
 
     pub fn set_ready(&self, ready: bool) {

@@ -17,6 +17,8 @@ pub struct Shared {
     pub metrics: Metrics,
     /// `None` when ready, else why not.
     pub not_ready: Mutex<Option<String>>,
+    /// `None` when the order queue (if any) is consumed, else why not.
+    pub queue_problem: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -24,21 +26,37 @@ impl Shared {
         Shared {
             metrics: Metrics::new(),
             not_ready: Mutex::new(Some("starting: no reconcile yet".to_string())),
+            queue_problem: Mutex::new(None),
         }
     }
 
     pub fn set_ready(&self, why_not: Option<String>) {
-        self.metrics.set_ready(why_not.is_none());
         if let Ok(mut guard) = self.not_ready.lock() {
             *guard = why_not;
         }
+        self.metrics.set_ready(self.why_not_ready().is_none());
     }
 
+    pub fn set_queue_problem(&self, why: Option<String>) {
+        self.metrics.set_queue_connected(why.is_none());
+        if let Ok(mut guard) = self.queue_problem.lock() {
+            *guard = why;
+        }
+        self.metrics.set_ready(self.why_not_ready().is_none());
+    }
+
+    /// Why the daemon is not ready (the last pass, or the order queue), or `None`.
     pub fn why_not_ready(&self) -> Option<String> {
-        self.not_ready
-            .lock()
-            .map(|g| g.clone())
-            .unwrap_or_else(|_| Some("state unavailable".to_string()))
+        let read = |m: &Mutex<Option<String>>| {
+            m.lock()
+                .map(|g| g.clone())
+                .unwrap_or_else(|_| Some("state unavailable".to_string()))
+        };
+        match (read(&self.not_ready), read(&self.queue_problem)) {
+            (None, None) => None,
+            (Some(a), None) | (None, Some(a)) => Some(a),
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+        }
     }
 }
 

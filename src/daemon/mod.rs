@@ -107,6 +107,16 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     let mut terminate = signal(SignalKind::terminate()).map_err(signal_err)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_err)?;
 
+    let (stop_queue, queue_stop) = tokio::sync::watch::channel(false);
+    let queue = config.queue.is_some().then(|| {
+        shared.set_queue_problem(Some("order queue: not connected yet".to_string()));
+        tokio::spawn(crate::queue::run(
+            config.clone(),
+            shared.clone(),
+            queue_stop,
+        ))
+    });
+
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watch = start_watch(&config, &tx);
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
@@ -222,6 +232,11 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     }
 
     notify(&[NotifyState::Stopping]);
+    // The queue consumer finishes the message in hand (file written and acked) and stops.
+    let _ = stop_queue.send(true);
+    if let Some(task) = queue {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
     tracing::info!("stopping: no change in flight, audit log synced");
     if let Some(dir) = d.dir.take() {
         // A polite unbind, but never wait on a directory that stopped answering.
@@ -269,6 +284,9 @@ impl Daemon {
             Ok(new) => {
                 if new.daemon.listen != self.config.daemon.listen {
                     tracing::warn!("a new `listen` address takes effect after a restart");
+                }
+                if format!("{:?}", new.queue) != format!("{:?}", self.config.queue) {
+                    tracing::warn!("[queue] changes take effect after a restart");
                 }
                 self.config = new;
                 // Reconnect with the new settings (and a rotated password).

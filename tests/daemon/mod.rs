@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 use crate::reconcile::{COURSES, World, describe, expect_exit};
 
-const WAIT: Duration = Duration::from_secs(20);
+const WAIT: Duration = Duration::from_secs(30);
 
 pub struct Running {
     child: Child,
@@ -54,6 +54,8 @@ impl Running {
     /// Starts the daemon without waiting for it to become ready.
     pub fn spawn_unready(w: &World, port: u16) -> Running {
         let socket = w.path("notify.sock");
+        // A previous daemon of the same test may have left its socket behind.
+        let _ = std::fs::remove_file(&socket);
         let notify = UnixDatagram::bind(&socket).unwrap();
         let received = Arc::new(Mutex::new(Vec::new()));
         let sink = received.clone();
