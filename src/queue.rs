@@ -178,12 +178,29 @@ pub async fn run(config: Config, shared: Arc<Shared>, mut stop: watch::Receiver<
 async fn consume(
     config: &Config,
     queue: &Queue,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
+    // The client reconnects by itself; its events keep readiness honest meanwhile.
+    let events = shared.clone();
+    let url = queue.url.clone();
     let mut options = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
-        .name("coursegate");
+        .name("coursegate")
+        .event_callback(move |event| {
+            let shared = events.clone();
+            let url = url.clone();
+            async move {
+                match event {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!(url = %url, "order queue disconnected, reconnecting");
+                        shared.set_queue_problem(Some(format!("order queue {url}: disconnected")));
+                    }
+                    async_nats::Event::Connected => shared.set_queue_problem(None),
+                    _ => {}
+                }
+            }
+        });
     if let Some(creds) = &queue.credentials_file {
         options = options
             .credentials_file(creds)
@@ -219,6 +236,10 @@ async fn consume(
         .await
         .map_err(|e| format!("consumer {}: {e}", queue.durable))?;
     let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(100)
+        .heartbeat(Duration::from_secs(5))
+        .expires(Duration::from_secs(30))
         .messages()
         .await
         .map_err(|e| format!("consumer {}: {e}", queue.durable))?;

@@ -261,3 +261,124 @@ fn broker_down_keeps_reconciling_from_files() {
     assert_eq!(d.http("/healthz").0, 200);
     assert_eq!(d.terminate(), Some(0));
 }
+
+/// A private nats-server with JetStream on a random port, for stopping and starting at will.
+struct PrivateNats {
+    port: u16,
+    store: tempfile::TempDir,
+    child: Option<std::process::Child>,
+}
+
+impl PrivateNats {
+    fn start() -> PrivateNats {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut n = PrivateNats {
+            port,
+            store: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        n.restart();
+        n
+    }
+
+    fn restart(&mut self) {
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect(
+                "nats-server is not installed: apt-get install nats-server (scripts/test.sh does)",
+            );
+        let child = std::process::Command::new(bin)
+            .args([
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-js",
+                "-sd",
+            ])
+            .arg(self.store.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "private nats-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[test]
+fn broker_restart_mid_run_then_the_backlog_is_consumed() {
+    let n = names();
+    let mut nats = PrivateNats::start();
+    let (w, port) = queue_world(&n, &nats.url());
+    let users: Vec<String> = (0..5).map(|i| format!("r{i}")).collect();
+    let pairs: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), u.as_str())).collect();
+    let dns = w.slapd.add_users(&pairs);
+    let rows: Vec<String> = users
+        .iter()
+        .map(|u| format!("{u};Wim grundkurs;true;2026-11-01"))
+        .collect();
+    w.results(&rows.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut d = Running::spawn(&w, port);
+    d.wait_for("queue consumed", |d| d.http("/readyz").0 == 200);
+
+    nats.stop();
+    d.wait_for("not ready while the broker is gone", |d| {
+        let (code, body) = d.http("/readyz");
+        code == 503 && body.contains("order queue")
+    });
+    nats.restart();
+    let publish_to = |bodies: &[String]| {
+        runtime().block_on(async {
+            let client = async_nats::connect(nats.url()).await.unwrap();
+            let js = jetstream::new(client);
+            for body in bodies {
+                js.publish(n.subject.clone(), body.clone().into())
+                    .await
+                    .unwrap()
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let bodies: Vec<String> = users
+        .iter()
+        .map(|u| order_json(&format!("R-{u}"), u))
+        .collect();
+    publish_to(&bodies);
+    d.wait_for("every order from the backlog granted", |_| {
+        let members = w.members(WIM_GROUP);
+        dns.iter().all(|dn| members.contains(dn))
+    });
+    d.wait_for("ready again", |d| d.http("/readyz").0 == 200);
+    assert_eq!(d.terminate(), Some(0));
+}
