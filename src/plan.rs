@@ -236,7 +236,8 @@ fn format_passed_at(at: DateTime<Utc>) -> String {
     }
 }
 
-fn in_window(o: &LoadedOrder, now: DateTime<Utc>) -> bool {
+/// Whether the order is in force at `now` (`valid_from ≤ now ≤ valid_until`).
+pub fn in_window(o: &LoadedOrder, now: DateTime<Utc>) -> bool {
     o.order.valid_from.is_none_or(|f| f <= now) && o.order.valid_until.is_none_or(|u| now <= u)
 }
 

@@ -79,17 +79,6 @@ fn file_name(id: &str) -> String {
     format!("{id}.json")
 }
 
-/// Writes `bytes` as `dir/name` so that the scanner never sees a partial file.
-fn write_order_file(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!(".{name}.queue-tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(name))?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// The files in `dir` that hold order `id` (by name first, then by content).
 fn files_holding(dir: &Path, id: &str, is_profile: &dyn Fn(&str) -> bool) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -116,11 +105,15 @@ pub fn apply_message(
     dir: &Path,
     message: &Message,
     is_profile: &dyn Fn(&str) -> bool,
-) -> std::io::Result<()> {
+) -> Result<(), String> {
+    let remove = |path: &Path| {
+        std::fs::remove_file(path).map_err(|e| format!("cannot remove {}: {e}", path.display()))
+    };
     match message {
         Message::Order { id, json } => {
             let name = file_name(id);
-            write_order_file(dir, &name, json)?;
+            // Temp file, fsync, rename, fsync of the directory: the scanner never sees half.
+            crate::state::write_atomic(&dir.join(&name), json).map_err(|e| e.to_string())?;
             // The id now lives in <id>.json. An admin's `<id>.toml` for the same order would make
             // both files invalid (duplicate id), so the queue's newer version replaces it. (Other
             // file names are not searched per message: that would cost a scan of the whole
@@ -128,13 +121,13 @@ pub fn apply_message(
             // last valid version stays in effect.)
             let twin = dir.join(format!("{id}.toml"));
             if order::load_file(&twin, is_profile).is_ok_and(|o| o.id == *id) {
-                std::fs::remove_file(&twin)?;
+                remove(&twin)?;
             }
             Ok(())
         }
         Message::Withdraw { id } => {
             for path in files_holding(dir, id, is_profile) {
-                std::fs::remove_file(&path)?;
+                remove(&path)?;
             }
             Ok(())
         }
@@ -270,7 +263,7 @@ async fn consume(
                     tokio::task::spawn_blocking(move || apply_message(&target, &m2, &is_profile))
                         .await
                         .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        .and_then(|r| r);
                 match written {
                     Ok(()) => {
                         // A lost ack means a redelivery, and writing the same file again is harmless.

@@ -111,10 +111,7 @@ pub async fn observe_cached(
     let users: Vec<String> = scan
         .orders
         .iter()
-        .filter(|o| {
-            o.order.valid_from.is_none_or(|f| f <= now)
-                && o.order.valid_until.is_none_or(|u| now <= u)
-        })
+        .filter(|o| plan::in_window(o, now))
         .map(|o| o.order.user.clone())
         .collect();
     let wanted: std::collections::HashSet<&String> = users.iter().collect();
