@@ -449,6 +449,19 @@ impl Config {
             );
         }
 
+        if let Some(group) = raw
+            .orders
+            .as_ref()
+            .and_then(|o| o.allowed_orderers_group.as_ref())
+        {
+            // Accepting the key without enforcing it would let anyone order access.
+            return Err(invalid(
+                "orders.allowed_orderers_group",
+                format!(
+                    "checking orderers against `{group}` is not available in this version, and coursegate will not silently accept orders from anyone: remove the key (every valid order then takes effect) or use a version that supports it"
+                ),
+            ));
+        }
         if let Some(n) = &raw.notify
             && !matches!(n.language.as_str(), "sv" | "en")
         {
@@ -870,6 +883,16 @@ courses = ["wim-grund"]
         assert!(load(&MINIMAL.replace("127.0.0.1:389", "[::1]:389")).is_ok());
         assert!(!is_loopback_url("ldap://127.0.0.1.evil.org"));
         assert!(!is_loopback_url("ldap://localhost.evil.org:389"));
+    }
+
+    #[test]
+    fn unenforced_orderer_check_is_refused_loudly() {
+        let text = format!(
+            "{MINIMAL}\n[orders]\nallowed_orderers_group = \"cn=managers,dc=example,dc=org\"\n"
+        );
+        let err = load(&text).unwrap_err().to_string();
+        assert!(err.contains("orders.allowed_orderers_group"), "{err}");
+        assert!(load(&format!("{MINIMAL}\n[orders]\n")).is_ok());
     }
 
     #[test]

@@ -519,6 +519,12 @@ impl RunReport {
 
 /// Connects to the directory with the configured credentials.
 pub async fn connect(config: &Config) -> Result<Directory> {
+    if config.notify.is_some() {
+        tracing::warn!("[notify] is configured, but this version sends no e-mail to orderers yet");
+    }
+    if config.ticket.is_some() {
+        tracing::warn!("[ticket] is configured, but this version posts no ticket updates yet");
+    }
     let password = config.bind_password()?;
     Ok(Directory::connect(&config.ldap, password.as_ref()).await?)
 }

@@ -228,6 +228,14 @@ pub fn status_text(plan: &Plan, observed: &Observed) -> String {
         count(DecisionKind::Revoke),
         observed.scan.invalid.len()
     );
+    if let Some(b) = &plan.brake {
+        let _ = writeln!(
+            out,
+            "REVOCATION BRAKE: {} revocations held back: {}",
+            b.revocations,
+            b.reasons.join("; ")
+        );
+    }
     for kind in [
         DecisionKind::Grant,
         DecisionKind::Wait,

@@ -361,12 +361,20 @@ fn broker_restart_mid_run_then_the_backlog_is_consumed() {
         runtime().block_on(async {
             let client = async_nats::connect(nats.url()).await.unwrap();
             let js = jetstream::new(client);
+            // A restarted server restores its streams from disk shortly after it listens.
+            let deadline = Instant::now() + Duration::from_secs(10);
             for body in bodies {
-                js.publish(n.subject.clone(), body.clone().into())
-                    .await
-                    .unwrap()
-                    .await
-                    .unwrap();
+                loop {
+                    let sent = match js.publish(n.subject.clone(), body.clone().into()).await {
+                        Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match sent {
+                        Ok(()) => break,
+                        Err(e) if Instant::now() > deadline => panic!("publish: {e}"),
+                        Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                    }
+                }
             }
         })
     };

@@ -345,6 +345,12 @@ fn revocation_brake_then_allow_revocations() {
     );
     assert!(members.contains(&dora), "grants go through under the brake");
     assert_eq!(actions(&w.audit(), "brake").len(), 1);
+    let status = w.run(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&status.stdout).contains("REVOCATION BRAKE: 3 revocations"),
+        "{}",
+        describe(&status)
+    );
 
     expect_exit(&w.run(&["apply", "--allow-revocations", "2"]), 3);
     assert_eq!(w.members(WIM_GROUP).len(), 5);
