@@ -317,8 +317,16 @@ impl PrivateNats {
         }
     }
 
+    /// A clean shutdown (SIGTERM), as a broker restart for maintenance does.
     fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .arg(c.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -361,6 +369,14 @@ fn broker_restart_mid_run_then_the_backlog_is_consumed() {
         runtime().block_on(async {
             let client = async_nats::connect(nats.url()).await.unwrap();
             let js = jetstream::new(client);
+            // The publishing side makes sure its stream exists, as the order form's would.
+            js.get_or_create_stream(jetstream::stream::Config {
+                name: n.stream.clone(),
+                subjects: vec![n.subject.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
             // A restarted server restores its streams from disk shortly after it listens.
             let deadline = Instant::now() + Duration::from_secs(10);
             for body in bodies {
