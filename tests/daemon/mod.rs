@@ -354,14 +354,7 @@ fn sighup_rejects_a_bad_config_and_applies_a_good_one() {
 #[test]
 fn sigterm_mid_work_leaves_everything_consistent() {
     let (w, port) = world();
-    let users: Vec<String> = (0..300).map(|i| format!("u{i:03}")).collect();
-    let pairs: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), u.as_str())).collect();
-    w.slapd.add_users(&pairs);
-    let rows: Vec<String> = users
-        .iter()
-        .map(|u| format!("{u};Wim grundkurs;true;2026-11-01"))
-        .collect();
-    w.results(&rows.iter().map(String::as_str).collect::<Vec<_>>());
+    let (users, _) = w.passed_users("u", 300);
     let mut d = Running::spawn(&w, port);
     for u in &users {
         w.simple_order(u, u, &["wim"]);

@@ -104,6 +104,20 @@ path = "results.csv"
         );
     }
 
+    /// Adds `n` accounts `<prefix>00000…` who all passed the Wim course (the report lists only
+    /// them). Returns their names and DNs.
+    pub fn passed_users(&self, prefix: &str, n: usize) -> (Vec<String>, Vec<String>) {
+        let users: Vec<String> = (0..n).map(|i| format!("{prefix}{i:05}")).collect();
+        let pairs: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), u.as_str())).collect();
+        let dns = self.slapd.add_users(&pairs);
+        let rows: Vec<String> = users
+            .iter()
+            .map(|u| format!("{u};Wim grundkurs;true;2026-11-01"))
+            .collect();
+        self.results(&rows.iter().map(String::as_str).collect::<Vec<_>>());
+        (users, dns)
+    }
+
     pub fn withdraw(&self, id: &str) {
         std::fs::remove_file(self.path("desired").join(format!("{id}.toml"))).unwrap();
     }
@@ -544,14 +558,7 @@ fn ambiguous_user_is_held() {
 #[test]
 fn many_orders_cost_few_ldap_operations() {
     let w = World::with(Slapd::start(), "", "member", COURSES);
-    let users: Vec<String> = (0..600).map(|i| format!("user{i:04}")).collect();
-    let pairs: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), u.as_str())).collect();
-    w.slapd.add_users(&pairs);
-    let rows: Vec<String> = users
-        .iter()
-        .map(|u| format!("{u};Wim grundkurs;true;2026-11-01"))
-        .collect();
-    w.results(&rows.iter().map(String::as_str).collect::<Vec<_>>());
+    let (users, _) = w.passed_users("user", 600);
     for u in &users {
         w.simple_order(u, u, &["wim", "pacs"]);
     }

@@ -54,14 +54,7 @@ fn big_world(n: usize) -> (World, Vec<String>, Vec<String>) {
 /// `n` users who passed, each with an order; `daemon_extra` goes into `[daemon]`.
 fn world_with_orders(n: usize, daemon_extra: &str) -> (World, Vec<String>, Vec<String>) {
     let w = World::with(Slapd::start(), daemon_extra, "member", COURSES);
-    let users: Vec<String> = (0..n).map(|i| format!("p{i:05}")).collect();
-    let pairs: Vec<(&str, &str)> = users.iter().map(|u| (u.as_str(), u.as_str())).collect();
-    let dns = w.slapd.add_users(&pairs);
-    let rows: Vec<String> = users
-        .iter()
-        .map(|u| format!("{u};Wim grundkurs;true;2026-11-01"))
-        .collect();
-    w.results(&rows.iter().map(String::as_str).collect::<Vec<_>>());
+    let (users, dns) = w.passed_users("p", n);
     for u in &users {
         w.simple_order(u, u, &["wim"]);
     }
