@@ -44,6 +44,7 @@ for ((i = 0; i < n; i++)); do
   printf 'id = "L-%06d"\nuser = "lat%06d"\naccess = ["wim"]\nordered_by = "karin.chef"\n' "$i" "$i" >"$work/desired/L-$i.toml"
 done
 cp "$repo/examples/ldap-password" "$work/"
+chmod 600 "$work/ldap-password"
 cg_write_config "$work/coursegate.toml"
 
 RUST_LOG=${RUST_LOG:-warn} "$bin" -c "$work/coursegate.toml" run 2>"$work/daemon.log" &

@@ -43,6 +43,7 @@ for ((i = 0; i < n; i++)); do
   printf 'id = "B-%06d"\nuser = "bench%06d"\naccess = ["wim"]\nordered_by = "karin.chef"\n' "$i" "$i" >"$work/desired/B-$i.toml"
 done
 cp "$repo/examples/ldap-password" "$work/"
+chmod 600 "$work/ldap-password"
 cg_write_config "$work/coursegate.toml"
 
 measure() { # label, args...

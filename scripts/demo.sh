@@ -49,6 +49,7 @@ echo "slapd is at $CG_SLAPD_URL (data in $work/slapd)"
 cfg="$work/coursegate.toml"
 cp -r "$repo/desired" "$work/desired"
 cp "$repo/examples/results.csv" "$repo/examples/ldap-password" "$work/"
+chmod 600 "$work/ldap-password" # a secret: coursegate warns when others may read it
 cg_write_config "$cfg"
 echo "Config: $cfg (examples/coursegate.toml with url, desired_dir, state_dir, audit_log, lms.path rewritten)"
 
