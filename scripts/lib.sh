@@ -14,6 +14,8 @@ cg_missing_packages() {
     fi
   done
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+  # The audit tests recompute hashes with Python's json and hashlib, as an auditor would.
+  command -v python3 >/dev/null 2>&1 || missing+=(python3)
   echo "${missing[*]}"
 }
 

@@ -247,33 +247,24 @@ fn check(config: &Config, files: &[PathBuf]) -> u8 {
             }
         }
     } else {
-        let mut ids: std::collections::BTreeMap<String, Vec<&Path>> = Default::default();
-        let mut parsed = Vec::new();
+        let mut parsed: Vec<(String, String)> = Vec::new();
         let mut invalid = 0usize;
         for file in files {
             match order::load_file(file, &is_profile) {
-                Ok(o) => {
-                    ids.entry(o.id.clone()).or_default().push(file);
-                    parsed.push(file);
-                }
+                Ok(o) => parsed.push((file.display().to_string(), o.id)),
                 Err(message) => {
                     eprintln!("{}: {message}", file.display());
                     invalid += 1;
                 }
             }
         }
-        for (id, paths) in ids.iter().filter(|(_, p)| p.len() > 1) {
-            for p in paths {
-                eprintln!(
-                    "{}: `id` \"{id}\" is used by {} files",
-                    p.display(),
-                    paths.len()
-                );
-            }
+        let duplicates =
+            order::duplicate_ids(parsed.iter().map(|(f, id)| (f.as_str(), id.as_str())));
+        for (file, message) in &duplicates {
+            eprintln!("{file}: {message}");
         }
-        let duplicated: usize = ids.values().filter(|p| p.len() > 1).map(Vec::len).sum();
-        bad = invalid + duplicated;
-        good = parsed.len() - duplicated;
+        bad = invalid + duplicates.len();
+        good = parsed.len() - duplicates.len();
     }
     println!(
         "config {} is valid; {good} valid order file(s), {bad} invalid",

@@ -508,6 +508,30 @@ pub fn load_file(path: &Path, is_profile: &dyn Fn(&str) -> bool) -> Result<Order
     parse(&bytes, kind, is_profile).map_err(|e| e.to_string())
 }
 
+/// SPEC §2: an id that two files share makes both invalid. Takes (file, id) pairs of the valid
+/// files; returns, for each file whose id is shared, the message naming the other files.
+pub fn duplicate_ids<'a>(
+    files: impl Iterator<Item = (&'a str, &'a str)>,
+) -> BTreeMap<String, String> {
+    let mut by_id: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (file, id) in files {
+        by_id.entry(id).or_default().push(file);
+    }
+    by_id
+        .iter()
+        .filter(|(_, files)| files.len() > 1)
+        .flat_map(|(id, files)| {
+            files.iter().map(move |f| {
+                let others: Vec<&str> = files.iter().copied().filter(|o| o != f).collect();
+                (
+                    f.to_string(),
+                    format!("`id` \"{id}\" is also used by {}", others.join(", ")),
+                )
+            })
+        })
+        .collect()
+}
+
 /// Reads every order file in `dir`, applying SPEC §2 and the last-good rule.
 ///
 /// `previous` is the last-good store from the previous run. A missing or unreadable directory
@@ -604,26 +628,11 @@ pub fn scan_cached(
         .retain(|name, _| present.contains(name.as_str()));
     parsed.sort_by(|a, b| a.0.cmp(&b.0));
 
-    // SPEC §2: an id that two files share makes both invalid.
-    let mut by_id: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (name, result) in &parsed {
-        if let Ok(o) = result {
-            by_id.entry(o.id.as_str()).or_default().push(name);
-        }
-    }
-    let duplicates: BTreeMap<String, String> = by_id
-        .iter()
-        .filter(|(_, files)| files.len() > 1)
-        .flat_map(|(id, files)| {
-            files.iter().map(move |f| {
-                let others: Vec<&str> = files.iter().copied().filter(|o| o != f).collect();
-                (
-                    f.to_string(),
-                    format!("`id` \"{id}\" is also used by {}", others.join(", ")),
-                )
-            })
-        })
-        .collect();
+    let duplicates = duplicate_ids(
+        parsed
+            .iter()
+            .filter_map(|(name, r)| r.as_ref().ok().map(|o| (name.as_str(), o.id.as_str()))),
+    );
 
     for (name, result) in parsed {
         let result = match (result, duplicates.get(&name)) {

@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer::pull};
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
@@ -140,12 +139,8 @@ pub async fn run(config: Config, shared: Arc<Shared>, mut stop: watch::Receiver<
     let Some(queue) = config.queue.clone() else {
         return;
     };
-    let mut backoff = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(500))
-        .with_max_delay(Duration::from_secs(60))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut backoff =
+        crate::daemon::jittered_backoff(Duration::from_millis(500), Duration::from_secs(60));
     loop {
         if *stop.borrow() {
             return;

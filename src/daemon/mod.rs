@@ -52,9 +52,15 @@ const RETRY_MAX: Duration = Duration::from_secs(120);
 pub const STATUS_FILE: &str = "status.json";
 
 fn backoff() -> ExponentialBackoff {
+    jittered_backoff(RETRY_MIN, RETRY_MAX)
+}
+
+/// Capped, jittered exponential backoff that never gives up (the daemon's retries and the
+/// queue's reconnects).
+pub fn jittered_backoff(min: Duration, max: Duration) -> ExponentialBackoff {
     ExponentialBuilder::default()
-        .with_min_delay(RETRY_MIN)
-        .with_max_delay(RETRY_MAX)
+        .with_min_delay(min)
+        .with_max_delay(max)
         .with_jitter()
         .without_max_times()
         .build()
