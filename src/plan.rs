@@ -24,8 +24,13 @@ use crate::state::{Ledger, member_key, membership_key};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UserLookup {
     /// Exactly one entry. `account` is the name as the directory spells it (the value of the
-    /// attribute the filter compares), used for `memberUid`; `None` if not known.
-    Found { dn: String, account: Option<String> },
+    /// attribute the filter compares), used for `memberUid`; `None` if not known. `mail` is the
+    /// entry's `mail` attribute, if it has one (notifications, xAPI agents).
+    Found {
+        dn: String,
+        account: Option<String>,
+        mail: Option<String>,
+    },
     /// The filter matched no entry: the account is gone (or never existed).
     NotFound,
     /// The filter matched several entries: which one is meant is unknown.
@@ -308,7 +313,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         };
         let lookup = input.directory.users.get(user);
         let member_value = match lookup {
-            Some(UserLookup::Found { dn, account }) => Some(if attr.holds_dns() {
+            Some(UserLookup::Found { dn, account, .. }) => Some(if attr.holds_dns() {
                 dn.clone()
             } else {
                 account.clone().unwrap_or_else(|| user.clone())
@@ -767,6 +772,7 @@ lapse_grace = "10d"
                     UserLookup::Found {
                         dn: dn_of(&o.order.user),
                         account: None,
+                        mail: None,
                     },
                 );
             }
@@ -1073,6 +1079,7 @@ lapse_grace = "10d"
                 UserLookup::Found {
                     dn: dn_of(u),
                     account: None,
+                    mail: None,
                 },
             );
         }
@@ -1255,6 +1262,7 @@ lapse_grace = "10d"
                 _ => UserLookup::Found {
                     dn: dn_of(u),
                     account: None,
+                    mail: None,
                 },
             };
             w.directory.users.insert(u.to_string(), lookup);

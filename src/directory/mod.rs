@@ -24,6 +24,8 @@ pub const MAX_VALUES_PER_MODIFY: usize = 1000;
 pub const USERS_PER_SEARCH: usize = 500;
 
 // LDAP result codes (RFC 4511 appendix A) that the adapter handles.
+/// The attribute read with every user entry for the person's e-mail address.
+pub const MAIL_ATTRIBUTE: &str = "mail";
 const RC_NO_SUCH_ATTRIBUTE: u32 = 16;
 const RC_TYPE_OR_VALUE_EXISTS: u32 = 20;
 const RC_NO_SUCH_OBJECT: u32 = 32;
@@ -203,19 +205,24 @@ impl Directory {
         } else {
             format!("(|{})", filters.concat())
         };
-        let attrs: Vec<String> = match &self.key_attribute {
-            Some(a) => vec![a.clone()],
-            None => vec!["1.1".to_string()],
-        };
+        let mut attrs = vec![MAIL_ATTRIBUTE.to_string()];
+        attrs.extend(self.key_attribute.clone());
         let base = self.cfg.user_base.clone();
         let entries = self
             .paged_search(&base, Scope::Subtree, &filter, attrs)
             .await?;
 
         // Requested name -> entry DN -> the name as the entry spells it.
-        let mut matches: HashMap<String, BTreeMap<String, Option<String>>> = HashMap::new();
+        // Requested name -> entry DN -> (account as spelt there, mail).
+        let mut matches: HashMap<String, BTreeMap<String, EntryNames>> = HashMap::new();
         if users.len() == 1 && self.key_attribute.is_none() {
-            let dns = entries.into_iter().map(|e| (e.dn, None)).collect();
+            let dns = entries
+                .into_iter()
+                .map(|e| {
+                    let mail = first_value(&e, MAIL_ATTRIBUTE);
+                    (e.dn, (None, mail))
+                })
+                .collect();
             matches.insert(users[0].clone(), dns);
         } else if let Some(attr) = &self.key_attribute {
             // Which requested name each entry answers: compare the key attribute's values the way
@@ -225,6 +232,7 @@ impl Directory {
                 wanted.entry(fold(u)).or_default().push(u);
             }
             for entry in entries {
+                let mail = first_value(&entry, MAIL_ATTRIBUTE);
                 let values = entry
                     .attrs
                     .iter()
@@ -235,7 +243,7 @@ impl Directory {
                         matches
                             .entry((*u).clone())
                             .or_default()
-                            .insert(entry.dn.clone(), Some(value.clone()));
+                            .insert(entry.dn.clone(), (Some(value.clone()), mail.clone()));
                     }
                 }
             }
@@ -247,7 +255,9 @@ impl Directory {
                 let count = dns.len();
                 let lookup = match dns.into_iter().next() {
                     None => UserLookup::NotFound,
-                    Some((dn, account)) if count == 1 => UserLookup::Found { dn, account },
+                    Some((dn, (account, mail))) if count == 1 => {
+                        UserLookup::Found { dn, account, mail }
+                    }
                     Some(_) => UserLookup::Ambiguous { count },
                 };
                 (u.clone(), lookup)
@@ -568,6 +578,18 @@ fn tls_config(cfg: &config::Ldap) -> Result<Arc<rustls::ClientConfig>, Directory
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))
+}
+
+/// An entry's account name (as the entry spells it) and mail address.
+type EntryNames = (Option<String>, Option<String>);
+
+/// The first value of `attr` (compared case-insensitively) in `entry`, if any.
+fn first_value(entry: &SearchEntry, attr: &str) -> Option<String> {
+    entry
+        .attrs
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(attr))
+        .and_then(|(_, v)| v.first().cloned())
 }
 
 #[cfg(test)]
