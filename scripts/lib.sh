@@ -16,6 +16,8 @@ cg_missing_packages() {
   command -v openssl >/dev/null 2>&1 || missing+=(openssl)
   # The audit tests recompute hashes with Python's json and hashlib, as an auditor would.
   command -v python3 >/dev/null 2>&1 || missing+=(python3)
+  # The notification tests receive mail with a real SMTP server (aiosmtpd, Debian's python).
+  /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || missing+=(python3-aiosmtpd)
   echo "${missing[*]}"
 }
 

@@ -158,30 +158,113 @@ pub struct Profile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Orders {
+    /// Only orders from members of this group take effect (SPEC §4).
     pub allowed_orderers_group: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Notify {
-    pub smtp_url: String,
-    pub from: String,
-    #[serde(default = "default_language")]
-    pub language: String,
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    pub expiry_warning: Option<Duration>,
-    pub smtp_user: Option<String>,
-    pub smtp_password_file: Option<PathBuf>,
+/// The language of the orderer notifications (and the template set used).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Language {
+    Sv,
+    En,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+impl Language {
+    pub fn code(self) -> &'static str {
+        match self {
+            Language::Sv => "sv",
+            Language::En => "en",
+        }
+    }
+}
+
+/// `[notify]`: e-mail to the orderer.
+#[derive(Debug, Clone)]
+pub struct Notify {
+    /// `smtp://host[:port]` (STARTTLS where offered, required when a password is sent to a host
+    /// that is not loopback) or `smtps://host[:port]` (TLS from the start).
+    pub smtp_url: String,
+    pub from: String,
+    pub language: Language,
+    /// How long before `valid_until` the orderer is warned (default 14 days).
+    pub expiry_warning: Duration,
+    pub smtp_user: Option<String>,
+    pub smtp_password_file: Option<PathBuf>,
+    /// Extra CA (PEM) trusted for the SMTP server's certificate.
+    pub tls_ca_file: Option<PathBuf>,
+    /// A directory with `<language>/<event>.txt` files that replace the shipped templates.
+    pub templates_dir: Option<PathBuf>,
+    /// Limit for one SMTP conversation.
+    pub timeout: Duration,
+}
+
+/// `[ticket]`: updates to the ticket an order names.
+#[derive(Debug, Clone)]
+pub enum Ticket {
+    /// Easit GO's REST import API.
+    Easit {
+        url: String,
+        api_key_file: PathBuf,
+        import_handler: String,
+        timeout: Duration,
+    },
+    /// A JSON POST to any URL, signed with HMAC-SHA256 when `secret_file` is set.
+    Webhook {
+        url: String,
+        secret_file: Option<PathBuf>,
+        timeout: Duration,
+    },
+}
+
+impl Ticket {
+    pub fn url(&self) -> &str {
+        match self {
+            Ticket::Easit { url, .. } | Ticket::Webhook { url, .. } => url,
+        }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        match self {
+            Ticket::Easit { timeout, .. } | Ticket::Webhook { timeout, .. } => *timeout,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Ticket::Easit { .. } => "easit",
+            Ticket::Webhook { .. } => "webhook",
+        }
+    }
+}
+
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Ticket {
-    pub kind: String,
-    pub url: String,
-    pub api_key_file: Option<PathBuf>,
-    pub import_handler: Option<String>,
-    pub secret_file: Option<PathBuf>,
+struct RawNotify {
+    smtp_url: String,
+    from: String,
+    #[serde(default = "default_language")]
+    language: Language,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    expiry_warning: Option<Duration>,
+    smtp_user: Option<String>,
+    smtp_password_file: Option<PathBuf>,
+    tls_ca_file: Option<PathBuf>,
+    templates_dir: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    timeout: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTicket {
+    kind: String,
+    url: String,
+    api_key_file: Option<PathBuf>,
+    import_handler: Option<String>,
+    secret_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -197,8 +280,8 @@ pub struct Queue {
     pub credentials_file: Option<PathBuf>,
 }
 
-fn default_language() -> String {
-    "sv".to_string()
+fn default_language() -> Language {
+    Language::Sv
 }
 
 // === the raw TOML schema ===
@@ -215,8 +298,8 @@ struct RawConfig {
     #[serde(default)]
     access: BTreeMap<String, RawProfile>,
     orders: Option<Orders>,
-    notify: Option<Notify>,
-    ticket: Option<Ticket>,
+    notify: Option<RawNotify>,
+    ticket: Option<RawTicket>,
     queue: Option<Queue>,
 }
 
@@ -453,23 +536,21 @@ impl Config {
             .orders
             .as_ref()
             .and_then(|o| o.allowed_orderers_group.as_ref())
+            && (group.trim().is_empty() || !group.contains('='))
         {
-            // Accepting the key without enforcing it would let anyone order access.
             return Err(invalid(
                 "orders.allowed_orderers_group",
-                format!(
-                    "checking orderers against `{group}` is not available in this version, and coursegate will not silently accept orders from anyone: remove the key (every valid order then takes effect) or use a version that supports it"
-                ),
+                format!("`{group}` is not a group DN"),
             ));
         }
-        if let Some(n) = &raw.notify
-            && !matches!(n.language.as_str(), "sv" | "en")
-        {
-            return Err(invalid(
-                "notify.language",
-                format!("`{}` is not one of \"sv\", \"en\"", n.language),
-            ));
-        }
+        let notify = raw
+            .notify
+            .map(|n| validate_notify(n, &resolve, &invalid))
+            .transpose()?;
+        let ticket = raw
+            .ticket
+            .map(|t| validate_ticket(t, &resolve, &invalid))
+            .transpose()?;
 
         Ok(Config {
             path: path.to_path_buf(),
@@ -479,12 +560,8 @@ impl Config {
             courses,
             access,
             orders: raw.orders,
-            notify: raw.notify,
-            ticket: raw.ticket.map(|mut t| {
-                t.api_key_file = t.api_key_file.as_deref().map(&resolve);
-                t.secret_file = t.secret_file.as_deref().map(&resolve);
-                t
-            }),
+            notify,
+            ticket,
             queue: match raw.queue {
                 Some(q) if q.kind != "nats" => {
                     return Err(invalid(
@@ -503,19 +580,125 @@ impl Config {
 
     /// Reads the LDAP bind password from `bind_password_file`; `None` means anonymous bind.
     pub fn bind_password(&self) -> Result<Option<Secret>, ConfigError> {
-        let Some(file) = &self.ldap.bind_password_file else {
-            return Ok(None);
-        };
-        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Secret {
-            path: file.clone(),
-            key: "ldap.bind_password_file",
-            source,
-        })?;
-        warn_if_readable_by_others(file, "ldap.bind_password_file");
-        // A trailing newline from `echo` or an editor is not part of the password.
-        Ok(Some(Secret(
-            text.trim_end_matches(['\n', '\r']).to_string(),
-        )))
+        self.ldap
+            .bind_password_file
+            .as_deref()
+            .map(|file| read_secret(file, "ldap.bind_password_file"))
+            .transpose()
+    }
+}
+
+/// Reads a secret from `file` (named in errors by its config `key`). A trailing newline from
+/// `echo` or an editor is not part of the secret.
+pub fn read_secret(file: &Path, key: &'static str) -> Result<Secret, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Secret {
+        path: file.to_path_buf(),
+        key,
+        source,
+    })?;
+    warn_if_readable_by_others(file, key);
+    Ok(Secret(text.trim_end_matches(['\n', '\r']).to_string()))
+}
+
+fn validate_notify(
+    raw: RawNotify,
+    resolve: &impl Fn(&Path) -> PathBuf,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<Notify, ConfigError> {
+    let scheme = raw.smtp_url.split("://").next().unwrap_or_default();
+    if !matches!(scheme, "smtp" | "smtps") || !raw.smtp_url.contains("://") {
+        return Err(invalid(
+            "notify.smtp_url",
+            format!(
+                "`{}` is not an smtp:// or smtps:// URL (e.g. \"smtp://mail.example.org:587\")",
+                raw.smtp_url
+            ),
+        ));
+    }
+    if let Err(e) = raw.from.parse::<lettre::message::Mailbox>() {
+        return Err(invalid(
+            "notify.from",
+            format!("`{}` is not an e-mail address: {e}", raw.from),
+        ));
+    }
+    if raw.smtp_user.is_some() != raw.smtp_password_file.is_some() {
+        return Err(invalid(
+            "notify.smtp_user",
+            "smtp_user and smtp_password_file go together: set both or neither".to_string(),
+        ));
+    }
+    Ok(Notify {
+        smtp_url: raw.smtp_url,
+        from: raw.from,
+        language: raw.language,
+        expiry_warning: raw
+            .expiry_warning
+            .unwrap_or(Duration::from_secs(14 * 24 * 3600)),
+        smtp_user: raw.smtp_user,
+        smtp_password_file: raw.smtp_password_file.as_deref().map(resolve),
+        tls_ca_file: raw.tls_ca_file.as_deref().map(resolve),
+        templates_dir: raw.templates_dir.as_deref().map(resolve),
+        timeout: raw.timeout.unwrap_or(Duration::from_secs(30)),
+    })
+}
+
+fn validate_ticket(
+    raw: RawTicket,
+    resolve: &impl Fn(&Path) -> PathBuf,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<Ticket, ConfigError> {
+    if !(raw.url.starts_with("http://") || raw.url.starts_with("https://")) {
+        return Err(invalid(
+            "ticket.url",
+            format!("`{}` is not an http:// or https:// URL", raw.url),
+        ));
+    }
+    let url = raw.url.trim_end_matches('/').to_string();
+    let timeout = raw.timeout.unwrap_or(Duration::from_secs(30));
+    match raw.kind.as_str() {
+        "easit" => {
+            let Some(api_key_file) = raw.api_key_file else {
+                return Err(invalid(
+                    "ticket.api_key_file",
+                    "kind = \"easit\" needs the file with Easit GO's API key".to_string(),
+                ));
+            };
+            let Some(import_handler) = raw.import_handler else {
+                return Err(invalid(
+                    "ticket.import_handler",
+                    "kind = \"easit\" needs the identifier of the import handler".to_string(),
+                ));
+            };
+            if raw.secret_file.is_some() {
+                return Err(invalid(
+                    "ticket.secret_file",
+                    "belongs to kind = \"webhook\"; Easit uses api_key_file".to_string(),
+                ));
+            }
+            Ok(Ticket::Easit {
+                url,
+                api_key_file: resolve(&api_key_file),
+                import_handler,
+                timeout,
+            })
+        }
+        "webhook" => {
+            if raw.api_key_file.is_some() || raw.import_handler.is_some() {
+                return Err(invalid(
+                    "ticket.api_key_file",
+                    "api_key_file and import_handler belong to kind = \"easit\"".to_string(),
+                ));
+            }
+            Ok(Ticket::Webhook {
+                url,
+                secret_file: raw.secret_file.as_deref().map(resolve),
+                timeout,
+            })
+        }
+        other => Err(invalid(
+            "ticket.kind",
+            format!("`{other}` is not one of \"easit\", \"webhook\""),
+        )),
     }
 }
 
@@ -886,13 +1069,85 @@ courses = ["wim-grund"]
     }
 
     #[test]
-    fn unenforced_orderer_check_is_refused_loudly() {
-        let text = format!(
-            "{MINIMAL}\n[orders]\nallowed_orderers_group = \"cn=managers,dc=example,dc=org\"\n"
+    fn orderer_group_must_be_a_dn() {
+        let with = |g: &str| format!("{MINIMAL}\n[orders]\nallowed_orderers_group = \"{g}\"\n");
+        let c = load(&with("cn=managers,dc=example,dc=org")).unwrap();
+        assert_eq!(
+            c.orders.unwrap().allowed_orderers_group.as_deref(),
+            Some("cn=managers,dc=example,dc=org")
         );
-        let err = load(&text).unwrap_err().to_string();
+        let err = load(&with("managers")).unwrap_err().to_string();
         assert!(err.contains("orders.allowed_orderers_group"), "{err}");
         assert!(load(&format!("{MINIMAL}\n[orders]\n")).is_ok());
+    }
+
+    #[test]
+    fn notify_section_is_validated() {
+        let notify = |extra: &str| {
+            format!(
+                "{MINIMAL}\n[notify]\nsmtp_url = \"smtp://127.0.0.1:2525\"\nfrom = \"coursegate@example.org\"\n{extra}"
+            )
+        };
+        let c = load(&notify("")).unwrap();
+        let n = c.notify.unwrap();
+        assert_eq!(n.language, Language::Sv);
+        assert_eq!(n.expiry_warning, Duration::from_secs(14 * 24 * 3600));
+        let c = load(&notify("language = \"en\"\nexpiry_warning = \"3d\"\n")).unwrap();
+        let n = c.notify.unwrap();
+        assert_eq!(n.language, Language::En);
+        assert_eq!(n.expiry_warning, Duration::from_secs(3 * 24 * 3600));
+        for (extra, key) in [
+            ("language = \"de\"\n", "expected `sv` or `en`"),
+            ("smtp_user = \"x\"\n", "notify.smtp_user"),
+            ("expiry_warning = \"soon\"\n", "expiry_warning"),
+            ("smpt_url = \"x\"\n", "smpt_url"),
+        ] {
+            let err = load(&notify(extra)).unwrap_err().to_string();
+            assert!(err.contains(key), "{extra}: {err}");
+        }
+        let err = load(&notify("").replace("smtp://", "http://"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("notify.smtp_url"), "{err}");
+        let err = load(&notify("").replace("coursegate@example.org", "not an address"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("notify.from"), "{err}");
+    }
+
+    #[test]
+    fn ticket_section_is_validated() {
+        let easit = format!(
+            "{MINIMAL}\n[ticket]\nkind = \"easit\"\nurl = \"https://easit.example.org/\"\napi_key_file = \"easit.key\"\nimport_handler = \"CoursegateUpdate\"\n"
+        );
+        match load(&easit).unwrap().ticket.unwrap() {
+            Ticket::Easit {
+                url,
+                api_key_file,
+                import_handler,
+                ..
+            } => {
+                assert_eq!(url, "https://easit.example.org");
+                assert!(api_key_file.is_absolute(), "{api_key_file:?}");
+                assert_eq!(import_handler, "CoursegateUpdate");
+            }
+            other => panic!("{other:?}"),
+        }
+        let err = load(&easit.replace("import_handler = \"CoursegateUpdate\"\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ticket.import_handler"), "{err}");
+        let webhook = format!(
+            "{MINIMAL}\n[ticket]\nkind = \"webhook\"\nurl = \"http://127.0.0.1:9/hook\"\nsecret_file = \"hook.secret\"\n"
+        );
+        assert!(matches!(
+            load(&webhook).unwrap().ticket,
+            Some(Ticket::Webhook { .. })
+        ));
+        let err = load(&webhook.replace("webhook", "jira"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ticket.kind"), "{err}");
     }
 
     #[test]

@@ -58,6 +58,18 @@ pub struct PlanInput<'a> {
     pub now: DateTime<Utc>,
     /// `apply --allow-revocations N`: up to N revocations pass whatever the brakes say.
     pub allow_revocations: Option<usize>,
+    /// Orders that may not take effect (yet): order id -> why. Orders not named here are
+    /// accepted. Filled from the `allowed_orderers_group` check ([`crate::orderers`]).
+    pub gates: &'a HashMap<String, Gate>,
+}
+
+/// Why an otherwise valid order is not in effect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// The orderer may not order access: the order is not in effect.
+    Refused { reason: String },
+    /// Whether the orderer may order is unknown (directory failure): hold.
+    Unknown { reason: String },
 }
 
 /// The decision kinds of SPEC §3, plus the quiet states of an order that is not in force.
@@ -71,6 +83,9 @@ pub enum DecisionKind {
     Lapse,
     /// Every order for the pair has expired and coursegate holds nothing to revoke.
     Expired,
+    /// Every order for the pair comes from someone who may not order access
+    /// (`allowed_orderers_group`): not in effect.
+    Unauthorized,
 }
 
 impl DecisionKind {
@@ -82,6 +97,7 @@ impl DecisionKind {
             DecisionKind::Revoke => "revoke",
             DecisionKind::Lapse => "lapse",
             DecisionKind::Expired => "expired",
+            DecisionKind::Unauthorized => "unauthorized",
         }
     }
 }
@@ -332,6 +348,42 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
 
         let mut active: Vec<&&LoadedOrder> = orders.iter().filter(|o| in_window(o, now)).collect();
         active.sort_by(|a, b| a.order.id.cmp(&b.order.id));
+        let gated: Vec<&Gate> = active
+            .iter()
+            .filter_map(|o| input.gates.get(&o.order.id))
+            .collect();
+        active.retain(|o| !input.gates.contains_key(&o.order.id));
+        if active.is_empty() && !gated.is_empty() {
+            let unknown = gated.iter().find_map(|g| match g {
+                Gate::Unknown { reason } => Some(reason),
+                Gate::Refused { .. } => None,
+            });
+            if let Some(reason) = unknown {
+                // Whether the order may take effect is unknown: neither grant nor revoke.
+                decision.decision = DecisionKind::Hold;
+                decision.reason = format!("whether the orderer may order is unknown: {reason}");
+                if let Some(k) = &key {
+                    kept.insert(k.clone());
+                }
+                held_users.insert((user.to_lowercase(), group_norm.clone()));
+            } else {
+                let reasons: BTreeSet<&str> = gated
+                    .iter()
+                    .map(|g| match g {
+                        Gate::Refused { reason } | Gate::Unknown { reason } => reason.as_str(),
+                    })
+                    .collect();
+                let reason = format!(
+                    "the order is not in effect: {}",
+                    reasons.into_iter().collect::<Vec<_>>().join("; ")
+                );
+                lost_reason.insert((user.clone(), group_norm.clone()), reason.clone());
+                decision.decision = DecisionKind::Unauthorized;
+                decision.reason = reason;
+            }
+            out.decisions.push(decision);
+            continue;
+        }
         if active.is_empty() {
             let future = orders
                 .iter()
@@ -760,6 +812,7 @@ lapse_grace = "10d"
         courses: CourseFacts,
         ledger: Ledger,
         allow: Option<usize>,
+        gates: HashMap<String, Gate>,
     }
 
     impl World {
@@ -788,6 +841,7 @@ lapse_grace = "10d"
                 courses,
                 ledger: Ledger::default(),
                 allow: None,
+                gates: HashMap::new(),
             }
         }
 
@@ -800,6 +854,7 @@ lapse_grace = "10d"
                 ledger: &self.ledger,
                 now: now(),
                 allow_revocations: self.allow,
+                gates: &self.gates,
             })
         }
 
@@ -883,6 +938,64 @@ lapse_grace = "10d"
             .iter()
             .find(|d| d.user == user && d.access == access)
             .unwrap_or_else(|| panic!("no decision for {user}/{access}: {:?}", plan.decisions))
+    }
+
+    #[test]
+    fn an_order_from_someone_who_may_not_order_grants_nothing() {
+        let passed = now() - chrono::Duration::days(10);
+        let mut w = World::new(
+            vec![order("O1", "anna", &["wim"])],
+            facts(&[("anna", "course one", passed)]),
+        );
+        w.gates.insert(
+            "O1".into(),
+            Gate::Refused {
+                reason: "karin.chef is not a member of cn=managers".into(),
+            },
+        );
+        let p = w.plan();
+        let d = decision(&p, "anna", "wim");
+        assert_eq!(d.decision, DecisionKind::Unauthorized);
+        assert!(d.reason.contains("karin.chef"), "{}", d.reason);
+        assert!(p.changes.is_empty(), "{:?}", p.changes);
+
+        // Another, accepted order for the same pair still grants.
+        w.orders.push(order("O2", "anna", &["wim"]));
+        let p = w.plan();
+        assert_eq!(decision(&p, "anna", "wim").decision, DecisionKind::Grant);
+        assert_eq!(p.changes.len(), 1);
+    }
+
+    #[test]
+    fn an_unknown_orderer_check_holds_and_revokes_nothing() {
+        let passed = now() - chrono::Duration::days(10);
+        let mut w = World::new(
+            vec![order("O1", "anna", &["wim"])],
+            facts(&[("anna", "course one", passed)]),
+        );
+        // coursegate owns anna's membership through an order that is gone; the only order left
+        // for the pair waits for the orderer check, which failed.
+        w.own("anna", "wim");
+        w.gates.insert(
+            "O1".into(),
+            Gate::Unknown {
+                reason: "directory unreachable".into(),
+            },
+        );
+        let p = w.plan();
+        assert_eq!(decision(&p, "anna", "wim").decision, DecisionKind::Hold);
+        assert!(p.changes.is_empty(), "{:?}", p.changes);
+
+        // Refused instead: the order is not in effect, so the owned membership goes.
+        w.gates.insert(
+            "O1".into(),
+            Gate::Refused {
+                reason: "not allowed".into(),
+            },
+        );
+        let p = w.plan();
+        assert_eq!(p.changes.len(), 1);
+        assert_eq!(p.changes[0].action, Action::Revoke);
     }
 
     #[test]

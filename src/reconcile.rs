@@ -16,6 +16,7 @@ use crate::audit::{AuditLog, Event, Record};
 use crate::config::Config;
 use crate::directory::{Directory, MAX_VALUES_PER_MODIFY, MemberChange};
 use crate::lms::{CourseFacts, CourseSource};
+use crate::notify::Notifier;
 use crate::order::{self, FileStamp, Scan};
 use crate::plan::{self, Action, Change, DirectoryFacts, Plan, PlanInput, UserLookup};
 use crate::state::{FileStore, Ledger, Owned, StateStore, member_key, membership_key};
@@ -28,6 +29,10 @@ pub struct Observed {
     pub directory: DirectoryFacts,
     pub courses: CourseFacts,
     pub ledger: Ledger,
+    /// Orders held back by the orderer check (SPEC §4 `allowed_orderers_group`).
+    pub gates: HashMap<String, plan::Gate>,
+    /// The outbox of notifications and ticket updates, when `[notify]` or `[ticket]` is set.
+    pub notifications: Option<crate::notify::View>,
 }
 
 /// What a long-running process keeps between passes so that a pass after one changed file
@@ -157,6 +162,8 @@ pub async fn observe_cached(
         directory,
         courses,
         ledger,
+        gates: HashMap::new(),
+        notifications: None,
     })
 }
 
@@ -175,6 +182,7 @@ pub fn decide(
         ledger: &observed.ledger,
         now,
         allow_revocations,
+        gates: &observed.gates,
     })
 }
 
@@ -519,12 +527,6 @@ impl RunReport {
 
 /// Connects to the directory with the configured credentials.
 pub async fn connect(config: &Config) -> Result<Directory> {
-    if config.notify.is_some() {
-        tracing::warn!("[notify] is configured, but this version sends no e-mail to orderers yet");
-    }
-    if config.ticket.is_some() {
-        tracing::warn!("[ticket] is configured, but this version posts no ticket updates yet");
-    }
     let password = config.bind_password()?;
     Ok(Directory::connect(&config.ldap, password.as_ref()).await?)
 }
@@ -534,6 +536,7 @@ pub async fn apply(config: &Config, options: ApplyOptions) -> Result<RunReport> 
     let store = FileStore::open(&config.daemon.state_dir)?;
     let _lock = store.lock()?;
     let mut audit = AuditLog::open(&config.daemon.audit_log, &store.anchor_path())?;
+    let notifier = Notifier::open(config, store.dir())?;
     let mut dir = connect(config).await?;
     let report = pass(
         config,
@@ -542,10 +545,26 @@ pub async fn apply(config: &Config, options: ApplyOptions) -> Result<RunReport> 
         &mut dir,
         &mut Caches::default(),
         options,
+        notifier.as_ref(),
     )
     .await;
     dir.close().await;
-    report
+    let mut report = report?;
+    if let Some(n) = &notifier {
+        // One delivery round; whatever a peer refuses stays in the outbox for the next run or
+        // the daemon. Each attempt is bounded by the peer's timeout.
+        let round = n.deliver_due().await?;
+        if round.failed + round.deferred > 0 {
+            tracing::warn!(
+                delivered = round.delivered,
+                failed = round.failed,
+                deferred = round.deferred,
+                "some notifications could not be delivered; they stay in the outbox"
+            );
+        }
+        report.observed.notifications = Some(n.view().await);
+    }
+    Ok(report)
 }
 
 /// One reconcile pass on open resources: recover, observe, decide, apply. Shared by `apply`
@@ -557,6 +576,7 @@ pub async fn pass(
     dir: &mut Directory,
     caches: &mut Caches,
     options: ApplyOptions,
+    notifier: Option<&Notifier>,
 ) -> Result<RunReport> {
     tracing::info!(
         seq = audit.last_seq(),
@@ -570,8 +590,18 @@ pub async fn pass(
     let recovered = recover(config, store, audit, dir, &mut ledger, now).await?;
     let last_good_before = store.load_last_good()?;
     tracing::debug!(ms = clock.elapsed().as_millis(), "state loaded");
-    let observed =
+    let mut observed =
         observe_cached(config, &last_good_before, dir, ledger.clone(), now, caches).await?;
+    observed.gates = crate::orderers::check(
+        config,
+        store,
+        &observed.scan.orders,
+        &ledger,
+        dir,
+        now,
+        true,
+    )
+    .await?;
     tracing::debug!(ms = clock.elapsed().as_millis(), "observed");
     if observed.scan.last_good != last_good_before {
         store.save_last_good(&observed.scan.last_good)?;
@@ -581,6 +611,30 @@ pub async fn pass(
     tracing::debug!(ms = clock.elapsed().as_millis(), "decided");
     let applied = apply_plan(config, store, audit, dir, &mut ledger, &plan, now).await?;
     tracing::debug!(ms = clock.elapsed().as_millis(), "applied");
+    if let Some(n) = notifier {
+        let granted_now = applied
+            .granted
+            .iter()
+            .map(|c| (c.user.clone(), c.access.clone()))
+            .collect();
+        // A failure here loses nothing: the next pass derives the same events again.
+        if let Err(e) = n
+            .record(
+                config,
+                dir,
+                &observed.scan,
+                &observed.gates,
+                &plan,
+                &granted_now,
+                &ledger,
+                now,
+            )
+            .await
+        {
+            tracing::error!("cannot queue notifications (the next pass tries again): {e}");
+        }
+        observed.notifications = Some(n.view().await);
+    }
     tracing::info!(
         granted = applied.granted.len(),
         revoked = applied.revoked.len(),
@@ -605,7 +659,22 @@ pub async fn dry_run(
     let ledger = store.load_ledger()?.unwrap_or_default();
     let mut dir = connect(config).await?;
     let now = Utc::now();
-    let observed = observe(config, &store, &mut dir, ledger, now).await?;
+    let mut observed = observe(config, &store, &mut dir, ledger, now).await?;
+    observed.gates = crate::orderers::check(
+        config,
+        &store,
+        &observed.scan.orders,
+        &observed.ledger,
+        &mut dir,
+        now,
+        false,
+    )
+    .await?;
+    if config.notify.is_some() || config.ticket.is_some() {
+        observed.notifications = Some(crate::notify::View::of(
+            &crate::notify::outbox::Outbox::read_only(store.dir())?,
+        ));
+    }
     let plan = decide(config, &observed, now, allow_revocations);
     tracing::info!(
         changes = plan.changes.len(),

@@ -158,6 +158,17 @@ pub fn explain_text(user: &str, config: &Config, plan: &Plan, observed: &Observe
         );
         if !d.orders.is_empty() {
             let _ = writeln!(out, "      orders: {}", d.orders.join(", "));
+            if let Some(view) = &observed.notifications {
+                for order in &d.orders {
+                    if let Some(notes) = view.by_order.get(order) {
+                        let _ = writeln!(
+                            out,
+                            "      notifications for {order}: {}",
+                            notes_line(notes)
+                        );
+                    }
+                }
+            }
         }
         if let Some(p) = config.access.get(&d.access) {
             for key in &p.courses {
@@ -243,9 +254,63 @@ pub fn status_text(plan: &Plan, observed: &Observed) -> String {
         DecisionKind::Lapse,
         DecisionKind::Revoke,
         DecisionKind::Expired,
+        DecisionKind::Unauthorized,
     ] {
         write_decisions(&mut out, plan, kind, kind.as_str());
     }
     write_invalid(&mut out, observed);
+    if let Some(view) = &observed.notifications {
+        let sum = &view.summary;
+        let _ = writeln!(
+            out,
+            "notifications: {} pending, {} delivered, {} undeliverable{}",
+            sum.pending,
+            sum.delivered,
+            sum.undeliverable,
+            sum.last_error
+                .as_ref()
+                .map(|e| format!(" (last error: {e})"))
+                .unwrap_or_default()
+        );
+        for (order, notes) in &view.by_order {
+            let _ = writeln!(out, "  {order}: {}", notes_line(notes));
+        }
+    }
     out
+}
+
+/// One order's notifications on one line: `granted mail delivered; granted ticket pending …`.
+fn notes_line(notes: &[crate::notify::OrderNote]) -> String {
+    use crate::notify::outbox::Delivery;
+    notes
+        .iter()
+        .map(|n| {
+            let state = match &n.delivery {
+                Delivery::Pending {
+                    attempts: 0,
+                    last_error: None,
+                    ..
+                } => "pending".to_string(),
+                Delivery::Pending {
+                    attempts,
+                    last_error,
+                    ..
+                } => format!(
+                    "pending after {attempts} failed attempt(s): {}",
+                    last_error.as_deref().unwrap_or("?")
+                ),
+                Delivery::Delivered { at } => format!(
+                    "delivered {}",
+                    at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+                Delivery::Undeliverable { reason } => format!("undeliverable: {reason}"),
+            };
+            let to =
+                n.to.as_ref()
+                    .map(|t| format!(" to {t}"))
+                    .unwrap_or_default();
+            format!("{} {}{to} {state}", n.event, n.channel)
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }

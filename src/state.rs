@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::MemberAttribute;
 use crate::directory::dn;
 use crate::order::Order;
+use crate::orderers::Acceptances;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -100,6 +101,9 @@ pub trait StateStore {
     /// The last valid version of each order file, by file name.
     fn load_last_good(&self) -> Result<BTreeMap<String, Order>, StateError>;
     fn save_last_good(&self, orders: &BTreeMap<String, Order>) -> Result<(), StateError>;
+    /// Orders accepted by the orderer check ([`crate::orderers`]).
+    fn load_acceptances(&self) -> Result<Acceptances, StateError>;
+    fn save_acceptances(&self, acceptances: &Acceptances) -> Result<(), StateError>;
 }
 
 /// The file-based store: one JSON document per concern in `state_dir`.
@@ -204,6 +208,14 @@ impl StateStore for FileStore {
 
     fn save_last_good(&self, orders: &BTreeMap<String, Order>) -> Result<(), StateError> {
         self.save("last-good-orders.json", orders)
+    }
+
+    fn load_acceptances(&self) -> Result<Acceptances, StateError> {
+        Ok(self.load("orderers.json")?.unwrap_or_default())
+    }
+
+    fn save_acceptances(&self, acceptances: &Acceptances) -> Result<(), StateError> {
+        self.save("orderers.json", acceptances)
     }
 }
 

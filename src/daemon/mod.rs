@@ -28,6 +28,7 @@ use tracing::Instrument;
 use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::directory::Directory;
+use crate::notify::Notifier;
 use crate::plan::{DecisionKind, UserLookup};
 use crate::reconcile::{self, ApplyOptions, Caches, RunReport};
 use crate::state::{FileStore, StateLock};
@@ -82,6 +83,8 @@ struct Daemon {
     connect_backoff: Option<ExponentialBackoff>,
     next_connect: Instant,
     caches: Caches,
+    /// Notifications and ticket updates; its worker delivers in its own task.
+    notifier: Option<Arc<Notifier>>,
     shared: Arc<Shared>,
     /// Failing items (changes, holds, the pass itself) -> their backoff and next retry.
     retries: HashMap<String, (ExponentialBackoff, Instant)>,
@@ -123,6 +126,13 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
         ))
     });
 
+    let notifier = Notifier::open(&config, store.dir())?.map(Arc::new);
+    let worker = notifier.clone().map(|n| {
+        tokio::spawn(async move {
+            n.run_worker().await;
+        })
+    });
+
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut watch = start_watch(&config, &tx);
     let watchdog = sd_notify::watchdog_enabled().map(|d| d / 2);
@@ -138,6 +148,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
         connect_backoff: None,
         next_connect: Instant::now(),
         caches: Caches::default(),
+        notifier,
         shared,
         retries: HashMap::new(),
         passes: 0,
@@ -243,6 +254,10 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     if let Some(task) = queue {
         let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
     }
+    if let Some(w) = worker {
+        // Undelivered messages stay in the outbox for the next start.
+        w.abort();
+    }
     tracing::info!("stopping: no change in flight, audit log synced");
     if let Some(dir) = d.dir.take() {
         // A polite unbind, but never wait on a directory that stopped answering.
@@ -293,6 +308,11 @@ impl Daemon {
                 }
                 if format!("{:?}", new.queue) != format!("{:?}", self.config.queue) {
                     tracing::warn!("[queue] changes take effect after a restart");
+                }
+                if format!("{:?}{:?}", new.notify, new.ticket)
+                    != format!("{:?}{:?}", self.config.notify, self.config.ticket)
+                {
+                    tracing::warn!("[notify] and [ticket] changes take effect after a restart");
                 }
                 self.config = new;
                 // Reconnect with the new settings (and a rotated password).
@@ -393,6 +413,7 @@ impl Daemon {
             dir,
             &mut self.caches,
             ApplyOptions::default(),
+            self.notifier.as_deref(),
         )
         .instrument(span)
         .await;

@@ -1,0 +1,46 @@
+"""A real SMTP server for the notification tests (aiosmtpd): every message it accepts is
+appended, decoded, as one JSON line to OUT. Usage: smtp_sink.py PORT OUT"""
+import asyncio
+import email
+import json
+import signal
+import sys
+from email import policy
+
+from aiosmtpd.controller import Controller
+
+PORT, OUT = int(sys.argv[1]), sys.argv[2]
+
+
+class Sink:
+    async def handle_DATA(self, server, session, envelope):
+        raw = envelope.original_content or envelope.content
+        msg = email.message_from_bytes(raw, policy=policy.default)
+        head = raw.split(b"\r\n\r\n", 1)[0]
+        record = {
+            "mail_from": envelope.mail_from,
+            "rcpt_tos": envelope.rcpt_tos,
+            "from": str(msg["from"]),
+            "to": str(msg["to"]),
+            "subject": str(msg["subject"]),
+            "raw_subject": next(
+                (l.decode("ascii", "replace") for l in head.split(b"\r\n") if l.lower().startswith(b"subject:")),
+                "",
+            ),
+            "message_id": str(msg["message-id"]),
+            "content_type": msg.get_content_type(),
+            "charset": msg.get_content_charset(),
+            "transfer_encoding": str(msg["content-transfer-encoding"]),
+            "raw_is_ascii": all(b < 128 for b in raw),
+            "body": msg.get_content(),
+        }
+        with open(OUT, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return "250 Message accepted"
+
+
+controller = Controller(Sink(), hostname="127.0.0.1", port=PORT)
+controller.start()
+print("ready", flush=True)
+signal.sigwait([signal.SIGTERM, signal.SIGINT])
+controller.stop()
