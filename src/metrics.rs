@@ -39,6 +39,7 @@ pub struct Metrics {
     ready: Gauge,
     queue_messages: Family<Labels, Counter>,
     queue_connected: Gauge,
+    outbox: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -65,6 +66,7 @@ impl Metrics {
             last_success: Gauge::default(),
             ready: Gauge::default(),
             queue_messages: Family::default(),
+            outbox: Family::default(),
             queue_connected: Gauge::default(),
             registry: Registry::default(),
         };
@@ -143,6 +145,11 @@ impl Metrics {
             "1 while the order queue is being consumed",
             m.queue_connected.clone(),
         );
+        registry.register(
+            "outbox_messages",
+            "Notifications and ticket updates in the outbox, by state (pending, delivered, undeliverable), as of the last pass",
+            m.outbox.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -169,7 +176,27 @@ impl Metrics {
             };
             self.ldap_errors.get_or_create(&label("kind", kind)).inc();
         }
-        for phase in ["grant", "wait", "hold", "lapse", "revoke", "expired"] {
+        if let Some(view) = &report.observed.notifications {
+            let sum = &view.summary;
+            for (state, n) in [
+                ("pending", sum.pending),
+                ("delivered", sum.delivered),
+                ("undeliverable", sum.undeliverable),
+            ] {
+                self.outbox
+                    .get_or_create(&label("state", state))
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        for phase in [
+            "grant",
+            "wait",
+            "hold",
+            "lapse",
+            "revoke",
+            "expired",
+            "unauthorized",
+        ] {
             self.orders.get_or_create(&label("phase", phase)).set(0);
         }
         for d in &report.plan.decisions {
