@@ -718,7 +718,7 @@ fn slapd_conf(dir: &Path, admin_password: &str, tls: bool, extra: &str) -> Strin
 
 /// A throwaway CA and a server certificate for 127.0.0.1/localhost, made with the openssl CLI.
 /// EC P-256 keys: generated in milliseconds. The extensions are what rustls/webpki insist on.
-fn make_certificates(dir: &Path) {
+pub fn make_certificates(dir: &Path) {
     let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
     write_file(
         dir,

@@ -26,14 +26,30 @@ pub struct SmtpSink {
     child: Option<Child>,
     pub port: u16,
     out: PathBuf,
+    /// `plain`, or `starttls`/`tls` with the certificate and key made in the test dir.
+    mode: Vec<String>,
 }
 
 impl SmtpSink {
     pub fn start(dir: &Path) -> SmtpSink {
+        SmtpSink::start_mode(dir, "plain")
+    }
+
+    /// A server that requires STARTTLS (`starttls`) or speaks TLS at once (`tls`), with a
+    /// certificate for 127.0.0.1 from a CA in `dir/ca.pem`.
+    pub fn start_mode(dir: &Path, mode: &str) -> SmtpSink {
+        let mut args = vec![mode.to_string()];
+        if mode != "plain" {
+            make_certificates(dir);
+            for f in ["server.pem", "server.key"] {
+                args.push(dir.join(f).display().to_string());
+            }
+        }
         let mut sink = SmtpSink {
             child: None,
             port: free_port(),
             out: dir.join("smtp-received.jsonl"),
+            mode: args,
         };
         sink.resume();
         sink
@@ -45,6 +61,7 @@ impl SmtpSink {
             child: None,
             port: free_port(),
             out: dir.join("smtp-received.jsonl"),
+            mode: vec!["plain".to_string()],
         }
     }
 
@@ -63,6 +80,7 @@ impl SmtpSink {
             .arg(script)
             .arg(self.port.to_string())
             .arg(&self.out)
+            .args(&self.mode)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -341,6 +359,52 @@ fn orderer_is_told_which_course_then_that_access_was_granted_then_removed_each_o
         .map(|x| x["message_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids.len(), 3);
+}
+
+#[test]
+fn mail_goes_over_starttls_and_smtps_and_an_unknown_certificate_is_refused() {
+    for (mode, scheme) in [("starttls", "smtp"), ("tls", "smtps")] {
+        let w = World::new();
+        let sink = SmtpSink::start_mode(w.dir.path(), mode);
+        let url = format!("{scheme}://127.0.0.1:{}", sink.port);
+        // First without trusting the test CA: the certificate is refused, nothing is sent,
+        // the message waits.
+        append_config(&w, &notify_section(&url, "en"));
+        w.slapd.add_user("anna.andersson", "Anna Andersson");
+        w.slapd.add_user("karin.chef", "Karin Chef");
+        w.simple_order("BEST-10", "anna.andersson", &["wim"]);
+        expect_exit(&apply(&w), 0);
+        assert!(sink.messages().is_empty(), "{mode}");
+        let status = stdout(&w.run(&["status"]));
+        assert!(
+            status.contains(
+                "course-needed mail to karin.chef@example.org pending after 1 failed attempt(s)"
+            ),
+            "{mode}: {status}"
+        );
+        assert!(
+            status.to_lowercase().contains("certificate"),
+            "{mode}: {status}"
+        );
+
+        // Trusting the CA: delivered, over TLS.
+        append_config(&w, "");
+        let config = std::fs::read_to_string(&w.config).unwrap().replace(
+            "timeout = \"3s\"\n",
+            "timeout = \"3s\"\ntls_ca_file = \"ca.pem\"\n",
+        );
+        std::fs::write(&w.config, config).unwrap();
+        expect_exit(&apply(&w), 0);
+        let m = sink.wait_for(1);
+        assert_eq!(m.len(), 1, "{mode}: {m:#?}");
+        assert!(
+            m[0]["subject"]
+                .as_str()
+                .unwrap()
+                .starts_with("E-course required"),
+            "{mode}: {m:#?}"
+        );
+    }
 }
 
 #[test]

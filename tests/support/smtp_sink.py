@@ -1,9 +1,12 @@
 """A real SMTP server for the notification tests (aiosmtpd): every message it accepts is
-appended, decoded, as one JSON line to OUT. Usage: smtp_sink.py PORT OUT"""
+appended, decoded, as one JSON line to OUT.
+Usage: smtp_sink.py PORT OUT [plain | starttls CERT KEY | tls CERT KEY]
+(starttls: the server offers and requires STARTTLS; tls: TLS from the first byte, as smtps)."""
 import asyncio
 import email
 import json
 import signal
+import ssl
 import sys
 from email import policy
 
@@ -39,7 +42,16 @@ class Sink:
         return "250 Message accepted"
 
 
-controller = Controller(Sink(), hostname="127.0.0.1", port=PORT)
+MODE = sys.argv[3] if len(sys.argv) > 3 else "plain"
+kwargs = {}
+if MODE in ("starttls", "tls"):
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(sys.argv[4], sys.argv[5])
+    if MODE == "starttls":
+        kwargs = {"tls_context": context, "require_starttls": True}
+    else:
+        kwargs = {"ssl_context": context}
+controller = Controller(Sink(), hostname="127.0.0.1", port=PORT, **kwargs)
 controller.start()
 print("ready", flush=True)
 signal.sigwait([signal.SIGTERM, signal.SIGINT])
