@@ -94,10 +94,11 @@ cg_allow_slapd_in_tmp() {
 }
 
 # Starts a throwaway slapd in directory $1 (made by the caller, named coursegate-slapd-*) loaded
-# with the LDIF file $2, on a random free loopback port, from examples/slapd.conf.in.
+# with the LDIF file $2, on a random free loopback port, from examples/slapd.conf.in; $3 (optional)
+# is more database configuration (e.g. "overlay memberof").
 # Sets CG_SLAPD_URL, CG_SLAPD_PID, CG_ADMIN_DN and CG_ADMIN_PASSWORD. Stop it with cg_stop_slapd.
 cg_start_slapd() {
-  local dir=$1 ldif=$2 repo
+  local dir=$1 ldif=$2 extra=${3:-} repo
   repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
   CG_ADMIN_DN="cn=admin,dc=example,dc=org"
   CG_ADMIN_PASSWORD="admin-$RANDOM$RANDOM"
@@ -107,7 +108,7 @@ cg_start_slapd() {
   conf=${conf//@DIR@/"$dir"}
   conf=${conf//@ROOTPW@/"$CG_ADMIN_PASSWORD"}
   conf=${conf//@TLS@/}
-  conf=${conf//@EXTRA@/}
+  conf=${conf//@EXTRA@/"$extra"}
   printf '%s\n' "$conf" >"$dir/slapd.conf"
   # Copied, so that a confined (AppArmor) slapd needs to read nothing outside its directory.
   cp "$ldif" "$dir/initial.ldif"

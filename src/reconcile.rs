@@ -121,11 +121,16 @@ pub async fn observe_cached(
         .collect();
     let wanted: std::collections::HashSet<&String> = users.iter().collect();
     caches.users.retain(|u, _| wanted.contains(u));
-    let unknown: Vec<String> = users
+    let mut unknown: Vec<String> = users
         .iter()
         .filter(|u| !caches.users.contains_key(*u))
         .cloned()
         .collect();
+    unknown.sort();
+    unknown.dedup();
+    if unknown.len() >= MEMBER_OF_THRESHOLD && config.ldap.member_attribute.holds_dns() {
+        resolve_through_member_of(config, dir, &mut unknown, &mut caches.users).await;
+    }
     for (user, lookup) in dir.resolve_users(&unknown).await {
         if !matches!(lookup, UserLookup::Failed { .. }) {
             caches.users.insert(user.clone(), lookup.clone());
@@ -165,6 +170,67 @@ pub async fn observe_cached(
         gates: HashMap::new(),
         notifications: None,
     })
+}
+
+/// From this many users to look up, members of the configured groups are first resolved through
+/// `memberOf`, one search per group ([`Directory::members_by_member_of`]); below it, the batched
+/// lookups are cheaper.
+const MEMBER_OF_THRESHOLD: usize = 1000;
+
+/// Resolves the `unknown` users that are members of a configured group with one search per group
+/// and removes them from `unknown`. A failed search only leaves its users to the batched lookup.
+async fn resolve_through_member_of(
+    config: &Config,
+    dir: &mut Directory,
+    unknown: &mut Vec<String>,
+    found: &mut HashMap<String, UserLookup>,
+) {
+    let mut groups: Vec<&str> = config.access.values().map(|p| p.group.as_str()).collect();
+    groups.sort_by_key(|g| crate::directory::dn::normalize(g));
+    groups.dedup_by_key(|g| crate::directory::dn::normalize(g));
+    let before = unknown.len();
+    let mut searches = 0;
+    for group in groups {
+        if unknown.is_empty() {
+            break;
+        }
+        searches += 1;
+        let entries = match dir.members_by_member_of(group).await {
+            Ok(Some(entries)) => entries,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(%group, "memberOf search failed, looking users up one batch at a time: {e}");
+                continue;
+            }
+        };
+        unknown.retain(|user| {
+            let key = user.trim().to_lowercase();
+            let only = entries
+                .get(&key)
+                .filter(|dns| dns.len() == 1)
+                .and_then(|dns| dns.iter().next());
+            match only {
+                Some((dn, (account, mail))) => {
+                    found.insert(
+                        user.clone(),
+                        UserLookup::Found {
+                            dn: dn.clone(),
+                            account: Some(account.clone()),
+                            mail: mail.clone(),
+                        },
+                    );
+                    false
+                }
+                None => true,
+            }
+        });
+    }
+    tracing::debug!(
+        searches,
+        resolved = before - unknown.len(),
+        left = unknown.len(),
+        "users resolved through memberOf"
+    );
 }
 
 /// The decision for what was observed.

@@ -11,6 +11,7 @@ mod notify;
 mod queue;
 mod reconcile;
 mod safety;
+mod scale;
 
 use std::collections::BTreeSet;
 use std::process::Command;

@@ -7,6 +7,9 @@
 //! modify per group and action carrying many values (bounded by [`MAX_VALUES_PER_MODIFY`]).
 
 pub mod dn;
+mod member_of;
+
+pub use member_of::MemberEntries;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -23,9 +26,10 @@ pub const MAX_VALUES_PER_MODIFY: usize = 1000;
 /// Users resolved per search (their filters are OR-ed together).
 pub const USERS_PER_SEARCH: usize = 500;
 
-// LDAP result codes (RFC 4511 appendix A) that the adapter handles.
 /// The attribute read with every user entry for the person's e-mail address.
 pub const MAIL_ATTRIBUTE: &str = "mail";
+
+// LDAP result codes (RFC 4511 appendix A) that the adapter handles.
 const RC_NO_SUCH_ATTRIBUTE: u32 = 16;
 const RC_TYPE_OR_VALUE_EXISTS: u32 = 20;
 const RC_NO_SUCH_OBJECT: u32 = 32;
