@@ -940,3 +940,62 @@ fn daemon_asks_each_pair_once_per_ttl_and_waits_out_throttling() {
     assert_eq!(d.terminate(), Some(0), "{}", d.log());
     assert!(!d.log().contains(CANVAS_TOKEN));
 }
+
+#[test]
+fn daemon_rechecks_pending_orders_at_every_resync_and_granted_ones_at_reverify_interval() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let lw = LmsWorld::new(
+        &format!("{MOODLE}\ncache_ttl = \"1h\""),
+        "42",
+        &format!("listen = \"127.0.0.1:{port}\"\nresync_interval = \"1s\""),
+    );
+    let f = &lw.fake;
+    let w = &lw.w;
+    f.moodle_course(42);
+    let anna = w.slapd.add_user("anna", "Anna");
+    let bertil = w.slapd.add_user("bertil", "Bertil");
+    f.moodle_user("anna", 101);
+    f.moodle_user("bertil", 102);
+    f.moodle_completion(
+        42,
+        101,
+        MoodleCompletion::Completed(vec![Some(1_763_633_702)]),
+    );
+    f.moodle_completion(42, 102, MoodleCompletion::Incomplete);
+    w.simple_order("O-anna", "anna", &["wim"]);
+    w.simple_order("O-bertil", "bertil", &["wim"]);
+    let mut d = Running::spawn(w, port);
+    d.wait_for("anna granted", |_| w.members(WIM_GROUP).contains(&anna));
+
+    let completions_of = |seen: &[Seen], user_id: &str| {
+        seen.iter()
+            .filter(|s| s.param("userid") == Some(user_id))
+            .count()
+    };
+    // bertil's "not passed" is asked again at every resync although cache_ttl is an hour ...
+    f.take_seen();
+    let mut seen: Vec<Seen> = Vec::new();
+    d.wait_for("bertil asked again at two resyncs", |_| {
+        seen.extend(f.take_seen());
+        completions_of(&seen, "102") >= 2
+    });
+    // ... anna's pass, which her membership rests on, only after reverify_interval (24h).
+    assert_eq!(completions_of(&seen, "101"), 0, "{seen:?}");
+
+    // bertil completes the course: granted within a resync, no file event needed.
+    f.moodle_completion(
+        42,
+        102,
+        MoodleCompletion::Completed(vec![Some(1_763_720_102)]),
+    );
+    d.wait_for("bertil granted at a resync", |_| {
+        w.members(WIM_GROUP).contains(&bertil)
+    });
+    assert_eq!(completions_of(&f.take_seen(), "101"), 0);
+    assert_eq!(d.terminate(), Some(0), "{}", d.log());
+    expect_exit(&w.run(&["audit", "verify"]), 0);
+}
