@@ -32,6 +32,8 @@ pub enum Fault {
     WrongShape,
     /// Answers properly, after this delay.
     Slow(Duration),
+    /// 200 and the first byte of a body at once, the rest never (within this delay).
+    Drip(Duration),
     /// Moodle's error body (HTTP 200) with this errorcode.
     MoodleError(&'static str),
     /// Throttling: 429 or Canvas's 403 "Rate Limit Exceeded", with an optional Retry-After.
@@ -279,6 +281,22 @@ async fn handle(
     match fault {
         Fault::None | Fault::ForeignNextLink => {}
         Fault::Slow(delay) => tokio::time::sleep(delay).await,
+        Fault::Drip(delay) => {
+            let body = futures_util::stream::unfold(false, move |sent| async move {
+                if sent {
+                    tokio::time::sleep(delay).await;
+                    None
+                } else {
+                    Some((Ok::<_, std::io::Error>(Bytes::from_static(b"[")), true))
+                }
+            });
+            return (
+                StatusCode::OK,
+                [("content-type", "application/json")],
+                axum::body::Body::from_stream(body),
+            )
+                .into_response();
+        }
         Fault::Status(code) => {
             let status = StatusCode::from_u16(code).unwrap();
             let mut response = json_response(

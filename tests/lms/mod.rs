@@ -302,10 +302,11 @@ fn moodle_failures_hold_and_revoke_nothing() {
         (Fault::MoodleError("accessexception"), "forbidden"),
         (Fault::MoodleError("nocriteriaset"), "platform_error"),
         (Fault::Slow(Duration::from_secs(10)), "timeout"),
+        (Fault::Drip(Duration::from_secs(10)), "timeout"),
     ] {
         f.set_fault(fault.clone());
         let (seen, took) = holds(&lw, &anna, &bertil, cause, &format!("{fault:?}"));
-        if matches!(fault, Fault::Slow(_)) {
+        if matches!(fault, Fault::Slow(_) | Fault::Drip(_)) {
             assert!(
                 took < Duration::from_secs(5),
                 "a slow Moodle stalled the run for {took:?}"
@@ -346,6 +347,27 @@ fn moodle_failures_hold_and_revoke_nothing() {
         describe(&out)
     );
     holds(&lw, &anna, &bertil, "connect", "connection refused");
+    lw.set_lms(MOODLE);
+
+    // A course id Moodle does not have: its error on the completion call, for both users.
+    let config = std::fs::read_to_string(&lw.w.config).unwrap();
+    std::fs::write(
+        &lw.w.config,
+        config.replace("lms_id = \"42\"", "lms_id = \"43\""),
+    )
+    .unwrap();
+    let out = lw.apply();
+    assert!(
+        stderr(&out).contains("2 lookups unknown (platform_error): Moodle error invalidrecord"),
+        "{}",
+        describe(&out)
+    );
+    let (seen, _) = holds(&lw, &anna, &bertil, "platform_error", "unknown course");
+    assert_eq!(
+        seen.len(),
+        3,
+        "one user lookup, two completion calls: {seen:?}"
+    );
     lw.set_lms(MOODLE);
 
     // The platform is back: the pending order converges.
