@@ -87,6 +87,20 @@ pub async fn observe_cached(
     now: DateTime<Utc>,
     caches: &mut Caches,
 ) -> Result<Observed> {
+    observe_scoped(config, last_good, dir, ledger, now, caches, None).await
+}
+
+/// [`observe_cached`]; with `only_user`, an HTTP learning platform is asked about that user's
+/// courses only (`explain USER` reports nothing else, and must not cost a request per order).
+async fn observe_scoped(
+    config: &Config,
+    last_good: &BTreeMap<String, order::Order>,
+    dir: &mut Directory,
+    ledger: Ledger,
+    now: DateTime<Utc>,
+    caches: &mut Caches,
+    only_user: Option<&str>,
+) -> Result<Observed> {
     let is_profile = |name: &str| config.access.contains_key(name);
     let scan = order::scan_cached(
         &config.daemon.desired_dir,
@@ -150,7 +164,10 @@ pub async fn observe_cached(
             }
         }
         None => {
-            let queries = course_queries(config, &scan.orders, &directory.users, &ledger, now);
+            let mut queries = course_queries(config, &scan.orders, &directory.users, &ledger, now);
+            if let Some(only) = only_user {
+                queries.retain(|q| normalize_name(&q.user) == normalize_name(only));
+            }
             if caches.platform.is_none() {
                 match Platform::new(&config.lms) {
                     Ok(platform) => caches.platform = Some(platform),
@@ -689,16 +706,41 @@ pub async fn pass(
     })
 }
 
-/// Observes and decides without changing anything (`plan`, `explain`, `status`).
+/// Observes and decides without changing anything (`plan`, `status`).
 pub async fn dry_run(
     config: &Config,
     allow_revocations: Option<usize>,
+) -> Result<(Observed, Plan)> {
+    dry_run_scoped(config, allow_revocations, None).await
+}
+
+/// [`dry_run`] for `explain USER`: an HTTP learning platform is asked about `user` only, so the
+/// other users' course results are unknown in the returned plan; only `user`'s decisions count.
+pub async fn dry_run_for_user(config: &Config, user: &str) -> Result<(Observed, Plan)> {
+    dry_run_scoped(config, None, Some(user)).await
+}
+
+async fn dry_run_scoped(
+    config: &Config,
+    allow_revocations: Option<usize>,
+    only_user: Option<&str>,
 ) -> Result<(Observed, Plan)> {
     let store = FileStore::open_read_only(&config.daemon.state_dir);
     let ledger = store.load_ledger()?.unwrap_or_default();
     let mut dir = connect(config).await?;
     let now = Utc::now();
-    let observed = observe(config, &store, &mut dir, ledger, now).await?;
+    let last_good = store.load_last_good()?;
+    let mut caches = Caches::default();
+    let observed = observe_scoped(
+        config,
+        &last_good,
+        &mut dir,
+        ledger,
+        now,
+        &mut caches,
+        only_user,
+    )
+    .await?;
     let plan = decide(config, &observed, now, allow_revocations);
     tracing::info!(
         changes = plan.changes.len(),

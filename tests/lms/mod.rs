@@ -264,6 +264,13 @@ fn moodle_pass_grants_with_moodle_ids_in_the_evidence_and_the_rest_waits() {
             "{user}: {text}"
         );
     }
+    // explain asks about its user only: one user lookup each, a completion call for the two
+    // Moodle has (none for dora).
+    let seen = f.take_seen();
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    let completions: Vec<&str> = seen.iter().filter_map(|s| s.param("userid")).collect();
+    assert_eq!(completions, ["102", "103"], "{seen:?}");
+    assert!(lw.explain("anna").contains("wim (Wim (RIS)): grant"));
     assert_no_secret_in_trace_output(&lw.w, &[MOODLE_TOKEN]);
 }
 
