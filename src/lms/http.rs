@@ -462,7 +462,7 @@ impl Reply {
         } else if status == StatusCode::NOT_FOUND {
             (
                 Cause::NotFound,
-                format!("{platform} answered HTTP {status}"),
+                format!("{platform} answered HTTP {status}; is lms.url right?"),
             )
         } else if status.is_server_error() {
             (
