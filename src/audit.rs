@@ -85,6 +85,32 @@ pub struct Evidence {
     pub course: String,
     pub passed_at: String,
     pub source: String,
+    /// The learning platform's own ids for this pass (HTTP platforms only; a results report has
+    /// none). Left out of the JSON when absent, so records written before it existed hash alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_ref: Option<PlatformRef>,
+}
+
+/// Where a learning platform keeps the pass, in its own terms, so an auditor can look it up
+/// there. Every value is a string (no floats in hashed records).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PlatformRef {
+    /// `moodle` | `canvas` | `xapi`.
+    pub platform: String,
+    /// The course as the platform names it: Moodle course id, Canvas course id, xAPI activity IRI.
+    pub course_id: String,
+    /// The platform's id of the person (Moodle user id, Canvas user id), where it said one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// The xAPI statement that records the pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement_id: Option<String>,
+    /// The xAPI verb of that statement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verb: Option<String>,
+    /// The completion time exactly as the platform wrote it (Moodle: Unix seconds; Canvas and
+    /// xAPI: an ISO 8601 time stamp).
+    pub completed_at: String,
 }
 
 /// A record as read back from the log.
@@ -1186,6 +1212,7 @@ mod tests {
                 course: "wim-grund".into(),
                 passed_at: "2026-11-20".into(),
                 source: "csv:lms/results.csv".into(),
+                platform_ref: None,
             }],
             ..Event::default()
         }

@@ -127,14 +127,115 @@ impl fmt::Debug for Ldap {
 pub enum LmsKind {
     Csv,
     Xlsx,
+    Moodle,
+    Canvas,
+    Xapi,
+}
+
+impl LmsKind {
+    /// The `kind` value as written in the config (also the metrics label and evidence prefix).
+    pub fn name(self) -> &'static str {
+        match self {
+            LmsKind::Csv => "csv",
+            LmsKind::Xlsx => "xlsx",
+            LmsKind::Moodle => "moodle",
+            LmsKind::Canvas => "canvas",
+            LmsKind::Xapi => "xapi",
+        }
+    }
+
+    /// Whether the course results come from an HTTP platform rather than a report file.
+    pub fn is_http(self) -> bool {
+        !matches!(self, LmsKind::Csv | LmsKind::Xlsx)
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct Lms {
     pub kind: LmsKind,
-    pub path: PathBuf,
-    /// The path as written in the config, used as the evidence source (`csv:lms/results.csv`).
+    /// The evidence source: `csv:lms/results.csv` (the path as written in the config) or
+    /// `moodle:https://moodle.example.org` (the platform's URL).
     pub label: String,
+    /// The results report (`csv`, `xlsx`); `None` for an HTTP platform.
+    pub path: Option<PathBuf>,
+    /// How to reach an HTTP platform (`moodle`, `canvas`, `xapi`); `None` for a report.
+    pub http: Option<HttpLms>,
+}
+
+/// The connection and load settings of an HTTP learning platform.
+#[derive(Debug, Clone)]
+pub struct HttpLms {
+    /// The platform's base URL, without a trailing `/`: the Moodle site, the Canvas instance, the
+    /// xAPI LRS endpoint (the part before `statements`).
+    pub url: String,
+    pub credentials: HttpCredentials,
+    /// xAPI: the agent template; `None` means `mbox` from the directory's `mail`.
+    pub agent_account: Option<AgentAccount>,
+    pub tls_ca_file: Option<PathBuf>,
+    /// How long an answer is reused before the platform is asked again.
+    pub cache_ttl: Duration,
+    /// How long a pass that coursegate's own memberships rest on is reused.
+    pub reverify_interval: Duration,
+    /// Bound of each request (connect, send, read the whole answer).
+    pub timeout: Duration,
+    /// Requests in flight at most.
+    pub concurrency: usize,
+    /// Canvas: from this many users to ask about in one course, the course's bulk endpoints are
+    /// read instead of one request per user.
+    pub bulk_threshold: usize,
+}
+
+/// How coursegate proves who it is to the platform. Only file paths: the secret itself is read
+/// by [`HttpCredentials::read`] when needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpCredentials {
+    /// Moodle web service token (`wstoken`) or Canvas access token (Bearer), from `token_file`.
+    Token { file: PathBuf },
+    /// xAPI LRS Basic authentication: `username` and the password from `password_file`.
+    Basic {
+        username: String,
+        password_file: PathBuf,
+    },
+}
+
+/// The secret of [`HttpCredentials`], read from its file.
+#[derive(Debug, Clone)]
+pub enum HttpSecret {
+    Token(Secret),
+    Basic { username: String, password: Secret },
+}
+
+impl HttpCredentials {
+    /// Reads the secret file (trailing newline ignored). The error names the file and the key.
+    pub fn read(&self) -> Result<HttpSecret, ConfigError> {
+        let (file, key) = match self {
+            HttpCredentials::Token { file } => (file, "lms.token_file"),
+            HttpCredentials::Basic { password_file, .. } => (password_file, "lms.password_file"),
+        };
+        let secret = read_secret(file, key)?;
+        Ok(match self {
+            HttpCredentials::Token { .. } => HttpSecret::Token(secret),
+            HttpCredentials::Basic { username, .. } => HttpSecret::Basic {
+                username: username.clone(),
+                password: secret,
+            },
+        })
+    }
+
+    /// The secret file, for the one warning about its permissions.
+    pub fn file(&self) -> (&Path, &'static str) {
+        match self {
+            HttpCredentials::Token { file } => (file, "lms.token_file"),
+            HttpCredentials::Basic { password_file, .. } => (password_file, "lms.password_file"),
+        }
+    }
+}
+
+/// xAPI `account` agent: `home_page` as written, `name` with `{user}` replaced by the account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentAccount {
+    pub home_page: String,
+    pub name: String,
 }
 
 #[derive(Debug, Clone)]
@@ -396,7 +497,42 @@ fn default_ldap_timeout() -> Duration {
 struct RawLms {
     kind: String,
     path: Option<PathBuf>,
+    url: Option<String>,
+    token_file: Option<PathBuf>,
+    username: Option<String>,
+    password_file: Option<PathBuf>,
+    agent_account: Option<RawAgentAccount>,
+    tls_ca_file: Option<PathBuf>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    cache_ttl: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    reverify_interval: Option<Duration>,
+    #[serde(default, deserialize_with = "de_opt_duration")]
+    timeout: Option<Duration>,
+    concurrency: Option<usize>,
+    bulk_threshold: Option<usize>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgentAccount {
+    #[serde(alias = "homePage")]
+    home_page: String,
+    name: String,
+}
+
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(10 * 60)
+}
+fn default_reverify_interval() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_lms_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+const DEFAULT_LMS_CONCURRENCY: usize = 4;
+const MAX_LMS_CONCURRENCY: usize = 64;
+const DEFAULT_BULK_THRESHOLD: usize = 20;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -494,6 +630,8 @@ impl Config {
                 },
             );
         }
+
+        check_lms_ids(&lms, &courses, &invalid)?;
 
         if raw.access.is_empty() {
             return Err(invalid(
@@ -903,37 +1041,246 @@ fn validate_lms(
     let kind = match raw.kind.as_str() {
         "csv" => LmsKind::Csv,
         "xlsx" => LmsKind::Xlsx,
-        "moodle" | "canvas" | "xapi" => {
-            return Err(invalid(
-                "lms.kind",
-                format!(
-                    "`{}` is not supported yet; use \"csv\" or \"xlsx\"",
-                    raw.kind
-                ),
-            ));
-        }
+        "moodle" => LmsKind::Moodle,
+        "canvas" => LmsKind::Canvas,
+        "xapi" => LmsKind::Xapi,
         other => {
             return Err(invalid(
                 "lms.kind",
-                format!("`{other}` is not one of \"csv\", \"xlsx\""),
+                format!(
+                    "`{other}` is not one of \"csv\", \"xlsx\", \"moodle\", \"canvas\", \"xapi\""
+                ),
             ));
         }
     };
-    let Some(path) = raw.path else {
-        return Err(invalid(
-            "lms.path",
-            "the results report needs a path".to_string(),
+    let name = kind.name();
+    // Every key that is set, and the kinds it belongs to: a key of another kind is a mistake
+    // worth naming (a report with a `url`, Moodle with a `path`), not something to ignore.
+    let http = ["moodle", "canvas", "xapi"];
+    let keys: [(&str, bool, &[&str]); 12] = [
+        ("path", raw.path.is_some(), &["csv", "xlsx"]),
+        ("url", raw.url.is_some(), &http),
+        (
+            "token_file",
+            raw.token_file.is_some(),
+            &["moodle", "canvas"],
+        ),
+        ("username", raw.username.is_some(), &["xapi"]),
+        ("password_file", raw.password_file.is_some(), &["xapi"]),
+        ("agent_account", raw.agent_account.is_some(), &["xapi"]),
+        ("tls_ca_file", raw.tls_ca_file.is_some(), &http),
+        ("cache_ttl", raw.cache_ttl.is_some(), &http),
+        ("reverify_interval", raw.reverify_interval.is_some(), &http),
+        ("timeout", raw.timeout.is_some(), &http),
+        ("concurrency", raw.concurrency.is_some(), &http),
+        ("bulk_threshold", raw.bulk_threshold.is_some(), &["canvas"]),
+    ];
+    for (key, set, kinds) in keys {
+        if set && !kinds.contains(&name) {
+            let hint = if key == "path" {
+                " (an HTTP platform is asked at `url`)".to_string()
+            } else if !kind.is_http() {
+                " (a results report is read from `path`)".to_string()
+            } else {
+                String::new()
+            };
+            return Err(invalid(
+                &format!("lms.{key}"),
+                format!(
+                    "is not a setting of kind = \"{name}\"; it belongs to kind = {}{hint}",
+                    kinds
+                        .iter()
+                        .map(|k| format!("\"{k}\""))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            ));
+        }
+    }
+    if !kind.is_http() {
+        let Some(path) = raw.path else {
+            return Err(invalid(
+                "lms.path",
+                "the results report needs a path".to_string(),
+            ));
+        };
+        return Ok(Lms {
+            kind,
+            label: format!("{name}:{}", path.display()),
+            path: Some(resolve(&path)),
+            http: None,
+        });
+    }
+
+    let required = |key: &str, what: &str| {
+        invalid(
+            &format!("lms.{key}"),
+            format!("kind = \"{name}\" needs {what}"),
+        )
+    };
+    let Some(url) = raw.url else {
+        return Err(required(
+            "url",
+            "the platform's address, e.g. \"https://lms.example.org\"",
         ));
     };
-    let prefix = match kind {
-        LmsKind::Csv => "csv",
-        LmsKind::Xlsx => "xlsx",
+    let url = check_platform_url(&url).map_err(|m| invalid("lms.url", m))?;
+    let credentials = match kind {
+        LmsKind::Xapi => {
+            let Some(username) = raw.username.filter(|u| !u.trim().is_empty()) else {
+                return Err(required("username", "the LRS user name (HTTP Basic)"));
+            };
+            let Some(password_file) = raw.password_file else {
+                return Err(required(
+                    "password_file",
+                    "the file that holds the LRS password",
+                ));
+            };
+            HttpCredentials::Basic {
+                username,
+                password_file: resolve(&password_file),
+            }
+        }
+        _ => {
+            let Some(token_file) = raw.token_file else {
+                return Err(required("token_file", "the file that holds the API token"));
+            };
+            HttpCredentials::Token {
+                file: resolve(&token_file),
+            }
+        }
     };
+    let agent_account = match raw.agent_account {
+        None => None,
+        Some(a) => {
+            if !a.name.contains("{user}") {
+                return Err(invalid(
+                    "lms.agent_account.name",
+                    format!(
+                        "`{}` must contain the placeholder {{user}}, or every user would be the same agent",
+                        a.name
+                    ),
+                ));
+            }
+            if a.home_page.trim().is_empty() {
+                return Err(invalid(
+                    "lms.agent_account.home_page",
+                    "must not be empty".to_string(),
+                ));
+            }
+            Some(AgentAccount {
+                home_page: a.home_page,
+                name: a.name,
+            })
+        }
+    };
+    let cache_ttl = raw.cache_ttl.unwrap_or_else(default_cache_ttl);
+    let reverify_interval = raw
+        .reverify_interval
+        .unwrap_or_else(default_reverify_interval);
+    if reverify_interval < cache_ttl {
+        return Err(invalid(
+            "lms.reverify_interval",
+            format!(
+                "{} is shorter than cache_ttl ({}): passes coursegate's memberships rest on are re-checked less often than anything else, not more",
+                humantime::format_duration(reverify_interval),
+                humantime::format_duration(cache_ttl)
+            ),
+        ));
+    }
+    let timeout = raw.timeout.unwrap_or_else(default_lms_timeout);
+    if timeout.is_zero() {
+        return Err(invalid("lms.timeout", "must be longer than 0s".to_string()));
+    }
+    let concurrency = raw.concurrency.unwrap_or(DEFAULT_LMS_CONCURRENCY);
+    if !(1..=MAX_LMS_CONCURRENCY).contains(&concurrency) {
+        return Err(invalid(
+            "lms.concurrency",
+            format!("{concurrency} is not between 1 and {MAX_LMS_CONCURRENCY}"),
+        ));
+    }
+    let bulk_threshold = raw.bulk_threshold.unwrap_or(DEFAULT_BULK_THRESHOLD);
+    if bulk_threshold == 0 {
+        return Err(invalid(
+            "lms.bulk_threshold",
+            "must be at least 1".to_string(),
+        ));
+    }
     Ok(Lms {
         kind,
-        label: format!("{prefix}:{}", path.display()),
-        path: resolve(&path),
+        label: format!("{name}:{url}"),
+        path: None,
+        http: Some(HttpLms {
+            url,
+            credentials,
+            agent_account,
+            tls_ca_file: raw.tls_ca_file.as_deref().map(resolve),
+            cache_ttl,
+            reverify_interval,
+            timeout,
+            concurrency,
+            bulk_threshold,
+        }),
     })
+}
+
+/// An HTTP platform's base URL: `https://`, or `http://` to this machine only (a token must
+/// never cross a network in clear); no user name or password in it (secrets live in files); no
+/// query or fragment. Returned without a trailing `/`.
+fn check_platform_url(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let url = reqwest::Url::parse(text).map_err(|e| format!("`{text}` is not a URL: {e}"))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if is_loopback_url(text) => {}
+        "http" => {
+            return Err(format!(
+                "`{text}` would send the token or password unencrypted: use https:// (plain http:// is allowed only to this machine)"
+            ));
+        }
+        other => return Err(format!("`{text}`: the scheme must be https, not {other}")),
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("`{text}` names no host"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!(
+            "`{text}` contains a user name or password; put the secret in token_file or password_file"
+        ));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "`{text}` must not have a query (?…) or fragment (#…)"
+        ));
+    }
+    Ok(text.trim_end_matches('/').to_string())
+}
+
+/// Course ids the platform can take: Moodle's are numbers, xAPI's activity ids are IRIs.
+fn check_lms_ids(
+    lms: &Lms,
+    courses: &BTreeMap<String, Course>,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    for (key, course) in courses {
+        let id = course.lms_id.trim();
+        let problem = match lms.kind {
+            LmsKind::Moodle if !id.parse::<u64>().is_ok_and(|n| n > 0) => Some(format!(
+                "`{}` is not a Moodle course id: Moodle knows courses by number (the id in course/view.php?id=42); set lms_id = \"42\"",
+                course.lms_id
+            )),
+            LmsKind::Xapi if reqwest::Url::parse(id).is_err() => Some(format!(
+                "`{}` is not an xAPI activity id: it must be an absolute IRI such as \"https://lms.example.org/activities/wim-grund\"",
+                course.lms_id
+            )),
+            LmsKind::Canvas if id.is_empty() => Some("must not be empty".to_string()),
+            _ => None,
+        };
+        if let Some(message) = problem {
+            return Err(invalid(&format!("courses.{key}.lms_id"), message));
+        }
+    }
+    Ok(())
 }
 
 /// A secret read from a file. Its `Debug` and `Display` never show the value.
@@ -986,7 +1333,8 @@ courses = ["wim-grund"]
         assert_eq!(c.daemon.desired_dir, PathBuf::from("/etc/cg/desired"));
         assert_eq!(c.daemon.max_revocations_per_run, 25);
         assert_eq!(c.daemon.resync_interval, Duration::from_secs(300));
-        assert_eq!(c.lms.path, PathBuf::from("/etc/cg/lms/results.csv"));
+        assert_eq!(c.lms.path, Some(PathBuf::from("/etc/cg/lms/results.csv")));
+        assert!(c.lms.http.is_none());
         assert_eq!(c.lms.label, "csv:lms/results.csv");
         assert_eq!(c.ldap.user_filter, "(uid={user})");
         assert_eq!(c.ldap.member_attribute, MemberAttribute::Member);
@@ -1154,6 +1502,230 @@ courses = ["wim-grund"]
     fn ratio_out_of_range() {
         let err = load(&format!("[daemon]\nmax_revocation_ratio = 1.5\n{MINIMAL}")).unwrap_err();
         assert!(err.to_string().contains("max_revocation_ratio"), "{err}");
+    }
+
+    fn with_lms(lms: &str, lms_id: &str) -> String {
+        MINIMAL
+            .replace(
+                "[lms]\nkind = \"csv\"\npath = \"lms/results.csv\"\n",
+                &format!("[lms]\n{lms}\n"),
+            )
+            .replace(
+                "lms_id = \"Wim grundkurs\"",
+                &format!("lms_id = \"{lms_id}\""),
+            )
+    }
+
+    #[test]
+    fn http_platforms_get_defaults_and_resolved_secret_files() {
+        let c = load(&with_lms(
+            "kind = \"moodle\"\nurl = \"https://moodle.example.org/\"\ntoken_file = \"moodle.token\"",
+            "42",
+        ))
+        .unwrap();
+        assert_eq!(c.lms.kind, LmsKind::Moodle);
+        assert_eq!(c.lms.label, "moodle:https://moodle.example.org");
+        assert_eq!(c.lms.path, None);
+        let http = c.lms.http.unwrap();
+        assert_eq!(http.url, "https://moodle.example.org");
+        assert_eq!(
+            http.credentials,
+            HttpCredentials::Token {
+                file: PathBuf::from("/etc/cg/moodle.token")
+            }
+        );
+        assert_eq!(http.cache_ttl, Duration::from_secs(600));
+        assert_eq!(http.reverify_interval, Duration::from_secs(86400));
+        assert_eq!(http.timeout, Duration::from_secs(10));
+        assert_eq!(http.concurrency, 4);
+
+        let c = load(&with_lms(
+            "kind = \"xapi\"\nurl = \"https://lrs.example.org/xapi\"\nusername = \"cg\"\npassword_file = \"/run/lrs\"\n\
+             agent_account = { homePage = \"https://lms.example.org\", name = \"{user}\" }\n\
+             cache_ttl = \"1m\"\nreverify_interval = \"1h\"\ntimeout = \"300ms\"\nconcurrency = 2",
+            "https://lms.example.org/activities/wim",
+        ))
+        .unwrap();
+        let http = c.lms.http.unwrap();
+        assert_eq!(
+            http.credentials,
+            HttpCredentials::Basic {
+                username: "cg".into(),
+                password_file: PathBuf::from("/run/lrs")
+            }
+        );
+        assert_eq!(
+            http.agent_account,
+            Some(AgentAccount {
+                home_page: "https://lms.example.org".into(),
+                name: "{user}".into()
+            })
+        );
+        assert_eq!(http.timeout, Duration::from_millis(300));
+        assert_eq!(http.concurrency, 2);
+
+        let c = load(&with_lms(
+            "kind = \"canvas\"\nurl = \"https://canvas.example.org\"\ntoken_file = \"t\"\nbulk_threshold = 5",
+            "sis_course_id:WIM-1",
+        ))
+        .unwrap();
+        assert_eq!(c.lms.http.unwrap().bulk_threshold, 5);
+    }
+
+    #[test]
+    fn keys_of_another_kind_are_named() {
+        let cases = [
+            // A report needs a path and takes nothing of the HTTP platforms.
+            ("kind = \"csv\"", "Wim", "lms.path"),
+            (
+                "kind = \"csv\"\npath = \"r.csv\"\nurl = \"https://x.org\"",
+                "Wim",
+                "lms.url",
+            ),
+            (
+                "kind = \"xlsx\"\npath = \"r.xlsx\"\ncache_ttl = \"1m\"",
+                "Wim",
+                "lms.cache_ttl",
+            ),
+            // An HTTP platform has no path, and its own credentials.
+            (
+                "kind = \"moodle\"\npath = \"r.csv\"\nurl = \"https://m.org\"\ntoken_file = \"t\"",
+                "42",
+                "lms.path",
+            ),
+            ("kind = \"moodle\"\ntoken_file = \"t\"", "42", "lms.url"),
+            (
+                "kind = \"moodle\"\nurl = \"https://m.org\"",
+                "42",
+                "lms.token_file",
+            ),
+            (
+                "kind = \"moodle\"\nurl = \"https://m.org\"\ntoken_file = \"t\"\nusername = \"u\"",
+                "42",
+                "lms.username",
+            ),
+            (
+                "kind = \"canvas\"\nurl = \"https://c.org\"\ntoken_file = \"t\"\nagent_account = { home_page = \"h\", name = \"{user}\" }",
+                "1",
+                "lms.agent_account",
+            ),
+            (
+                "kind = \"xapi\"\nurl = \"https://l.org\"\npassword_file = \"p\"",
+                "https://a.org/1",
+                "lms.username",
+            ),
+            (
+                "kind = \"xapi\"\nurl = \"https://l.org\"\nusername = \"u\"",
+                "https://a.org/1",
+                "lms.password_file",
+            ),
+            (
+                "kind = \"xapi\"\nurl = \"https://l.org\"\nusername = \"u\"\npassword_file = \"p\"\ntoken_file = \"t\"",
+                "https://a.org/1",
+                "lms.token_file",
+            ),
+            (
+                "kind = \"xapi\"\nurl = \"https://l.org\"\nusername = \"u\"\npassword_file = \"p\"\nagent_account = { home_page = \"h\", name = \"anna\" }",
+                "https://a.org/1",
+                "lms.agent_account.name",
+            ),
+            (
+                "kind = \"xapi\"\nurl = \"https://l.org\"\nusername = \"u\"\npassword_file = \"p\"\nbulk_threshold = 3",
+                "https://a.org/1",
+                "lms.bulk_threshold",
+            ),
+            // Course ids the platform cannot take.
+            (
+                "kind = \"moodle\"\nurl = \"https://m.org\"\ntoken_file = \"t\"",
+                "Wim grundkurs",
+                "courses.wim-grund.lms_id",
+            ),
+            (
+                "kind = \"xapi\"\nurl = \"https://l.org\"\nusername = \"u\"\npassword_file = \"p\"",
+                "wim",
+                "courses.wim-grund.lms_id",
+            ),
+            // Load settings out of range.
+            (
+                "kind = \"canvas\"\nurl = \"https://c.org\"\ntoken_file = \"t\"\nconcurrency = 0",
+                "1",
+                "lms.concurrency",
+            ),
+            (
+                "kind = \"canvas\"\nurl = \"https://c.org\"\ntoken_file = \"t\"\ntimeout = \"0s\"",
+                "1",
+                "lms.timeout",
+            ),
+            (
+                "kind = \"canvas\"\nurl = \"https://c.org\"\ntoken_file = \"t\"\ncache_ttl = \"2h\"\nreverify_interval = \"1h\"",
+                "1",
+                "lms.reverify_interval",
+            ),
+            ("kind = \"pingpong\"", "1", "lms.kind"),
+        ];
+        for (lms, id, key) in cases {
+            let err = load(&with_lms(lms, id))
+                .err()
+                .unwrap_or_else(|| panic!("accepted:\n{lms}"))
+                .to_string();
+            assert!(err.contains(&format!("key `{key}`")), "{lms}\n=> {err}");
+            assert!(err.contains("/etc/cg/coursegate.toml"), "{err}");
+        }
+    }
+
+    #[test]
+    fn platform_urls_are_https_or_loopback_and_carry_no_secret() {
+        let moodle = |url: &str| {
+            load(&with_lms(
+                &format!("kind = \"moodle\"\nurl = \"{url}\"\ntoken_file = \"t\""),
+                "42",
+            ))
+        };
+        assert!(moodle("https://moodle.example.org/lms/").is_ok());
+        assert!(moodle("http://127.0.0.1:8080").is_ok());
+        assert!(moodle("http://localhost/moodle").is_ok());
+        for (bad, says) in [
+            ("http://moodle.example.org", "unencrypted"),
+            ("ftp://moodle.example.org", "scheme"),
+            (
+                "https://admin:pw@moodle.example.org",
+                "user name or password",
+            ),
+            ("https://moodle.example.org/?wstoken=abc", "query"),
+            ("moodle.example.org", "not a URL"),
+        ] {
+            let err = moodle(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("lms.url") && err.contains(says),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn http_secrets_are_read_from_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("lrs-password"), "lrs-s3cret\r\n").unwrap();
+        let text = with_lms(
+            "kind = \"xapi\"\nurl = \"https://l.org\"\nusername = \"cg\"\npassword_file = \"lrs-password\"",
+            "https://a.org/1",
+        );
+        let c = Config::from_toml(&dir.path().join("c.toml"), &text).unwrap();
+        let credentials = &c.lms.http.as_ref().unwrap().credentials;
+        match credentials.read().unwrap() {
+            HttpSecret::Basic { username, password } => {
+                assert_eq!(username, "cg");
+                assert_eq!(password.expose(), "lrs-s3cret");
+                assert!(!format!("{password:?}").contains("s3cret"));
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_file(dir.path().join("lrs-password")).unwrap();
+        let err = credentials.read().unwrap_err().to_string();
+        assert!(
+            err.contains("lrs-password") && err.contains("lms.password_file"),
+            "{err}"
+        );
     }
 
     #[test]

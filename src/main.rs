@@ -161,7 +161,7 @@ async fn run(command: Command, config_path: &Path, config: &Config) -> anyhow::R
             Ok(0)
         }
         Command::Explain { user } => {
-            let (observed, plan) = reconcile::dry_run(config, None).await?;
+            let (observed, plan) = reconcile::dry_run_for_user(config, &user).await?;
             print!("{}", report::explain_text(&user, config, &plan, &observed));
             Ok(0)
         }

@@ -34,6 +34,8 @@ pub struct Metrics {
     invalid_orders: Gauge,
     ldap_errors: Family<Labels, Counter>,
     lms_errors: Family<Labels, Counter>,
+    lms_requests: Family<Labels, Counter>,
+    lms_cached: Family<Labels, Counter>,
     brake: Gauge,
     last_success: Gauge<f64, AtomicU64>,
     ready: Gauge,
@@ -62,6 +64,8 @@ impl Metrics {
             invalid_orders: Gauge::default(),
             ldap_errors: Family::default(),
             lms_errors: Family::default(),
+            lms_requests: Family::default(),
+            lms_cached: Family::default(),
             brake: Gauge::default(),
             last_success: Gauge::default(),
             ready: Gauge::default(),
@@ -117,8 +121,21 @@ impl Metrics {
         );
         registry.register(
             "lms_errors",
-            "Course results errors by kind (unavailable, unreadable_row)",
+            "Course results errors by platform and kind: unavailable, unreadable_row (reports); \
+             connect, timeout, server_error, unauthorized, forbidden, throttled, not_found, \
+             http_status, malformed, unexpected_shape, platform_error, no_agent, secret (HTTP \
+             platforms, one per unknown lookup)",
             m.lms_errors.clone(),
+        );
+        registry.register(
+            "lms_requests",
+            "HTTP requests sent to the learning platform",
+            m.lms_requests.clone(),
+        );
+        registry.register(
+            "lms_cache_hits",
+            "Course results answered from the cache instead of the learning platform",
+            m.lms_cached.clone(),
         );
         registry.register(
             "brake_engaged",
@@ -210,14 +227,25 @@ impl Metrics {
         self.invalid_orders
             .set(i64::try_from(report.observed.scan.invalid.len()).unwrap_or(i64::MAX));
         let courses = &report.observed.courses;
-        if courses.is_unavailable() {
+        let platform = courses.platform();
+        let stats = courses.stats();
+        for (kind, count) in &stats.errors {
             self.lms_errors
-                .get_or_create(&label("kind", "unavailable"))
-                .inc();
-        } else if !courses.problems().is_empty() {
-            self.lms_errors
-                .get_or_create(&label("kind", "unreadable_row"))
-                .inc_by(courses.problems().len() as u64);
+                .get_or_create(&vec![
+                    ("platform".to_string(), platform.to_string()),
+                    ("kind".to_string(), kind.clone()),
+                ])
+                .inc_by(*count);
+        }
+        if stats.requests > 0 {
+            self.lms_requests
+                .get_or_create(&label("platform", platform))
+                .inc_by(stats.requests);
+        }
+        if stats.cached > 0 {
+            self.lms_cached
+                .get_or_create(&label("platform", platform))
+                .inc_by(stats.cached);
         }
         self.brake.set(i64::from(report.plan.brake.is_some()));
         if report.applied.failed.is_empty() {

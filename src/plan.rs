@@ -221,7 +221,11 @@ fn check_courses(
             continue;
         };
         match facts.result(user, &course.lms_id) {
-            CourseResult::Passed { at, source } => {
+            CourseResult::Passed {
+                at,
+                source,
+                reference,
+            } => {
                 let expired = course
                     .valid_for
                     .is_some_and(|v| chrono::Duration::from_std(v).is_ok_and(|v| at + v < now));
@@ -237,6 +241,7 @@ fn check_courses(
                         course: key.clone(),
                         passed_at: format_passed_at(at),
                         source,
+                        platform_ref: reference,
                     });
                 }
             }

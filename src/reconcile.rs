@@ -15,7 +15,8 @@ use chrono::{DateTime, Utc};
 use crate::audit::{AuditLog, Event, Record};
 use crate::config::Config;
 use crate::directory::{Directory, MAX_VALUES_PER_MODIFY, MemberChange};
-use crate::lms::{CourseFacts, CourseSource};
+use crate::lms::platform::Platform;
+use crate::lms::{CourseFacts, CourseSource, Query, normalize_name};
 use crate::notify::Notifier;
 use crate::order::{self, FileStamp, Scan};
 use crate::plan::{self, Action, Change, DirectoryFacts, Plan, PlanInput, UserLookup};
@@ -37,19 +38,36 @@ pub struct Observed {
 
 /// What a long-running process keeps between passes so that a pass after one changed file
 /// costs little: parsed order files (re-read when their stamp changes), user lookups (a failed
-/// lookup is never kept) and the course report (re-read when its stamp changes). The daemon
-/// clears it at every full resync and on config reload, so cached facts are never older than
-/// `resync_interval`.
+/// lookup is never kept), the course report (re-read when its stamp changes) and an HTTP
+/// learning platform with its answer cache. The daemon calls [`Caches::resync`] at every full
+/// resync, so cached directory and report facts are never older than `resync_interval`; the
+/// platform keeps only what its own rules allow ([`crate::lms::platform`]). A config reload
+/// clears everything.
 #[derive(Debug, Default)]
 pub struct Caches {
     orders: order::ParseCache,
     users: HashMap<String, UserLookup>,
     courses: Option<(Option<FileStamp>, CourseFacts)>,
+    platform: Option<Platform>,
 }
 
 impl Caches {
+    /// Forgets everything (a config reload: the platform itself may have changed).
     pub fn clear(&mut self) {
         *self = Caches::default();
+    }
+
+    /// A full resync: forgets everything but the platform's passes, which are re-verified at
+    /// their own pace; its "not passed" answers go, so pending orders are asked again.
+    pub fn resync(&mut self) {
+        let mut platform = self.platform.take();
+        if let Some(p) = platform.as_mut() {
+            p.resync();
+        }
+        *self = Caches {
+            platform,
+            ..Caches::default()
+        };
     }
 }
 
@@ -74,6 +92,20 @@ pub async fn observe_cached(
     now: DateTime<Utc>,
     caches: &mut Caches,
 ) -> Result<Observed> {
+    observe_scoped(config, last_good, dir, ledger, now, caches, None).await
+}
+
+/// [`observe_cached`]; with `only_user`, an HTTP learning platform is asked about that user's
+/// courses only (`explain USER` reports nothing else, and must not cost a request per order).
+async fn observe_scoped(
+    config: &Config,
+    last_good: &BTreeMap<String, order::Order>,
+    dir: &mut Directory,
+    ledger: Ledger,
+    now: DateTime<Utc>,
+    caches: &mut Caches,
+    only_user: Option<&str>,
+) -> Result<Observed> {
     let is_profile = |name: &str| config.access.contains_key(name);
     let scan = order::scan_cached(
         &config.daemon.desired_dir,
@@ -92,27 +124,6 @@ pub async fn observe_cached(
     for (file, why) in &scan.ignored {
         tracing::warn!(file = %file, "ignored: {why}");
     }
-    let stamp = FileStamp::of(&config.lms.path);
-    let courses = match &caches.courses {
-        Some((cached, facts)) if stamp.is_some() && *cached == stamp => facts.clone(),
-        _ => {
-            let facts = CourseSource::from_config(&config.lms).load().await;
-            caches.courses = Some((stamp, facts.clone()));
-            facts
-        }
-    };
-    if courses.is_unavailable() {
-        tracing::error!(
-            source = courses.source(),
-            "course results unavailable, every decision that needs them is on hold: {}",
-            courses.problems().join("; ")
-        );
-    } else {
-        for p in courses.problems() {
-            tracing::warn!(source = courses.source(), "course report: {p}");
-        }
-    }
-
     let users: Vec<String> = scan
         .orders
         .iter()
@@ -148,6 +159,61 @@ pub async fn observe_cached(
     caches
         .users
         .retain(|_, l| !matches!(l, UserLookup::Failed { .. }));
+
+    let courses = match CourseSource::from_config(&config.lms) {
+        Some(report) => {
+            let path = config.lms.path.as_deref();
+            let stamp = path.and_then(FileStamp::of);
+            match &caches.courses {
+                Some((cached, facts)) if stamp.is_some() && *cached == stamp => facts.clone(),
+                _ => {
+                    let facts = report.load().await;
+                    caches.courses = Some((stamp, facts.clone()));
+                    facts
+                }
+            }
+        }
+        None => {
+            let mut queries = course_queries(config, &scan.orders, &directory.users, &ledger, now);
+            if let Some(only) = only_user {
+                queries.retain(|q| normalize_name(&q.user) == normalize_name(only));
+            }
+            if caches.platform.is_none() {
+                match Platform::new(&config.lms) {
+                    Ok(platform) => caches.platform = Some(platform),
+                    Err(why) => tracing::error!(source = %config.lms.label, "{why}"),
+                }
+            }
+            match caches.platform.as_mut() {
+                Some(platform) => platform.load(&queries).await,
+                None => CourseFacts::unavailable(
+                    config.lms.label.clone(),
+                    "the learning platform's client could not be set up (see the error above)",
+                ),
+            }
+        }
+    };
+    if courses.is_unavailable() {
+        tracing::error!(
+            source = courses.source(),
+            "course results unavailable, every decision that needs them is on hold: {}",
+            courses.problems().join("; ")
+        );
+    } else {
+        for p in courses.problems() {
+            tracing::warn!(source = courses.source(), "course results: {p}");
+        }
+    }
+    let stats = courses.stats();
+    if stats.requests > 0 || stats.cached > 0 {
+        tracing::info!(
+            source = courses.source(),
+            requests = stats.requests,
+            cached = stats.cached,
+            "course results asked"
+        );
+    }
+
     let mut read: HashMap<String, std::result::Result<Vec<String>, String>> = HashMap::new();
     for profile in config.access.values() {
         let norm = crate::directory::dn::normalize(&profile.group);
@@ -231,6 +297,50 @@ async fn resolve_through_member_of(
         left = unknown.len(),
         "users resolved through memberOf"
     );
+}
+
+/// The (user, course) pairs an HTTP platform is asked about: every course of every profile that
+/// an order in force names, for users the directory found (the decision asks about no one else).
+/// A pair is `granted` when coursegate holds a membership of a profile that needs the course:
+/// its pass is re-verified at `reverify_interval` rather than `cache_ttl`.
+pub fn course_queries(
+    config: &Config,
+    orders: &[order::LoadedOrder],
+    users: &HashMap<String, UserLookup>,
+    ledger: &Ledger,
+    now: DateTime<Utc>,
+) -> Vec<Query> {
+    let held: std::collections::HashSet<(String, &str)> = ledger
+        .owned
+        .values()
+        .map(|o| (normalize_name(&o.user), o.access.as_str()))
+        .collect();
+    let mut queries: BTreeMap<(String, String), Query> = BTreeMap::new();
+    for o in orders.iter().filter(|o| plan::in_window(o, now)) {
+        let user = &o.order.user;
+        let Some(UserLookup::Found { account, mail, .. }) = users.get(user) else {
+            continue;
+        };
+        for access in &o.order.access {
+            let Some(profile) = config.access.get(access) else {
+                continue;
+            };
+            let granted = held.contains(&(normalize_name(user), access.as_str()));
+            for course in profile.courses.iter().filter_map(|c| config.courses.get(c)) {
+                queries
+                    .entry(crate::lms::course_key(user, &course.lms_id))
+                    .and_modify(|q| q.granted |= granted)
+                    .or_insert_with(|| Query {
+                        user: user.clone(),
+                        login: account.clone().unwrap_or_else(|| user.clone()),
+                        mail: mail.clone(),
+                        lms_id: course.lms_id.clone(),
+                        granted,
+                    });
+            }
+        }
+    }
+    queries.into_values().collect()
 }
 
 /// The decision for what was observed.
@@ -716,16 +826,41 @@ pub async fn pass(
     })
 }
 
-/// Observes and decides without changing anything (`plan`, `explain`, `status`).
+/// Observes and decides without changing anything (`plan`, `status`).
 pub async fn dry_run(
     config: &Config,
     allow_revocations: Option<usize>,
+) -> Result<(Observed, Plan)> {
+    dry_run_scoped(config, allow_revocations, None).await
+}
+
+/// [`dry_run`] for `explain USER`: an HTTP learning platform is asked about `user` only, so the
+/// other users' course results are unknown in the returned plan; only `user`'s decisions count.
+pub async fn dry_run_for_user(config: &Config, user: &str) -> Result<(Observed, Plan)> {
+    dry_run_scoped(config, None, Some(user)).await
+}
+
+async fn dry_run_scoped(
+    config: &Config,
+    allow_revocations: Option<usize>,
+    only_user: Option<&str>,
 ) -> Result<(Observed, Plan)> {
     let store = FileStore::open_read_only(&config.daemon.state_dir);
     let ledger = store.load_ledger()?.unwrap_or_default();
     let mut dir = connect(config).await?;
     let now = Utc::now();
-    let mut observed = observe(config, &store, &mut dir, ledger, now).await?;
+    let last_good = store.load_last_good()?;
+    let mut caches = Caches::default();
+    let mut observed = observe_scoped(
+        config,
+        &last_good,
+        &mut dir,
+        ledger,
+        now,
+        &mut caches,
+        only_user,
+    )
+    .await?;
     observed.gates = crate::orderers::check(
         config,
         &store,

@@ -7,6 +7,7 @@
 mod badinput;
 mod common;
 mod daemon;
+mod lms;
 mod notify;
 mod queue;
 mod reconcile;

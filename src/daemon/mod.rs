@@ -204,7 +204,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
                     Trigger::WatcherFailed(e) => {
                         tracing::warn!("file watcher failed, rebuilding it: {e}");
                         watch = start_watch(&d.config, &tx);
-                        d.caches.clear();
+                        d.caches.resync();
                         due = Some(now);
                     }
                 }
@@ -229,7 +229,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
         }
         if now >= next_resync {
             next_resync = now + d.config.daemon.resync_interval;
-            d.caches.clear();
+            d.caches.resync();
             due = Some(now);
         }
         if d.next_retry().is_some_and(|t| now >= t) {

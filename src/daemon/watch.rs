@@ -38,10 +38,17 @@ impl Watch {
     /// Starts watching the places `config` names; events go to `tx`.
     pub fn start(config: &Config, tx: UnboundedSender<Trigger>) -> notify::Result<Watch> {
         let desired_dir = config.daemon.desired_dir.clone();
+        // An HTTP platform has no report file to watch: its answers are asked at every pass.
         let report = config.lms.path.clone();
-        let report_name = report.file_name().map(|n| n.to_os_string());
+        let report_name = report
+            .as_deref()
+            .and_then(Path::file_name)
+            .map(|n| n.to_os_string());
         let desired_parent = desired_dir.parent().map(Path::to_path_buf);
-        let report_dir = report.parent().map(Path::to_path_buf);
+        let report_dir = report
+            .as_deref()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf);
 
         let relevant = {
             let desired_dir = desired_dir.clone();

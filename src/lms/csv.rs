@@ -326,6 +326,7 @@ mod tests {
         CourseResult::Passed {
             at,
             source: LABEL.to_string(),
+            reference: None,
         }
     }
 

@@ -1,25 +1,42 @@
 //! Course results from the learning platform (LMS).
 //!
-//! Every adapter produces a [`CourseFacts`] snapshot; the decision logic asks it one question per
-//! (user, course) and gets a three-valued answer ([`CourseResult`]). Names are compared
-//! case-insensitively after trimming, as SPEC §5 requires, so adapters store keys through
-//! [`course_key`].
+//! The decision logic asks one question per (user, course) and gets a three-valued answer
+//! ([`CourseResult`]) from a [`CourseFacts`]. Two families of adapters fill it:
+//!
+//! * results reports (`kind = "csv"`, `"xlsx"`): the whole export is read into one snapshot
+//!   ([`CourseSource`], [`csv`], [`xlsx`]);
+//! * HTTP platforms (`"moodle"`, `"canvas"`, `"xapi"`): asked per (user, course) for exactly the
+//!   pairs the reconcile needs ([`Query`]), through a cache that lives between daemon passes
+//!   ([`platform`], with the wire formats in [`moodle`], [`canvas`], [`xapi`] and the shared
+//!   HTTP handling in [`http`]).
+//!
+//! Names are compared case-insensitively after trimming, as SPEC §5 requires, so adapters store
+//! keys through [`course_key`].
 
+pub mod canvas;
 pub mod csv;
+pub mod http;
+pub mod moodle;
+pub mod platform;
+pub mod xapi;
 pub mod xlsx;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 
+use crate::audit::PlatformRef;
+
 /// The LMS answer for one (user, course): SPEC §3 "passed, not passed, unknown".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CourseResult {
-    /// Passed; `at` is the completion date used as evidence, `source` names where it came from.
+    /// Passed; `at` is the completion date used as evidence, `source` names where it came from
+    /// and `reference` where the platform keeps it (HTTP platforms; `None` for a report).
     Passed {
         at: DateTime<Utc>,
         source: String,
+        reference: Option<PlatformRef>,
     },
     NotPassed,
     /// The fact cannot be known (LMS down, unreadable row). Never grants, never revokes.
@@ -28,12 +45,26 @@ pub enum CourseResult {
     },
 }
 
-/// A snapshot of everything the LMS said in one read.
+/// Everything the LMS said in one read: a report snapshot, or the answers of an HTTP platform
+/// to the pairs that were asked.
 #[derive(Debug, Clone)]
 pub struct CourseFacts {
     source: String,
     state: FactsState,
     problems: Vec<String>,
+    stats: ReadStats,
+}
+
+/// What one read cost and what went wrong in it, for metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// HTTP requests sent to the platform.
+    pub requests: u64,
+    /// Answers taken from the cache instead.
+    pub cached: u64,
+    /// Errors by kind: `unavailable` and `unreadable_row` for a report, the failure cause
+    /// ([`http::Cause::label`]) of each unknown lookup for an HTTP platform.
+    pub errors: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +76,14 @@ enum FactsState {
         passed: HashMap<(String, String), DateTime<Utc>>,
         /// (user, course) keys with at least one unreadable row -> why.
         unreadable: HashMap<(String, String), String>,
+    },
+    /// An HTTP platform's answers for the pairs that were asked. A pair that was not asked is
+    /// unknown.
+    Answers {
+        answers: HashMap<(String, String), CourseResult>,
+        /// The platform as a whole failed in this read (unreachable, credentials refused,
+        /// throttled): reported like an unreadable report.
+        unavailable: bool,
     },
 }
 
@@ -66,10 +105,17 @@ impl CourseFacts {
         unreadable: HashMap<(String, String), String>,
         problems: Vec<String>,
     ) -> Self {
+        let mut stats = ReadStats::default();
+        if !problems.is_empty() {
+            stats
+                .errors
+                .insert("unreadable_row".to_string(), problems.len() as u64);
+        }
         CourseFacts {
             source: source.into(),
             state: FactsState::Report { passed, unreadable },
             problems,
+            stats,
         }
     }
 
@@ -80,6 +126,31 @@ impl CourseFacts {
             source: source.into(),
             problems: vec![reason.clone()],
             state: FactsState::Unavailable { reason },
+            stats: ReadStats {
+                errors: BTreeMap::from([("unavailable".to_string(), 1)]),
+                ..ReadStats::default()
+            },
+        }
+    }
+
+    /// Facts from an HTTP platform: `answers` keyed by [`course_key`] for the pairs that were
+    /// asked; `problems` says (once per cause) why some are unknown; `unavailable` when the
+    /// platform as a whole failed.
+    pub fn from_answers(
+        source: impl Into<String>,
+        answers: HashMap<(String, String), CourseResult>,
+        problems: Vec<String>,
+        unavailable: bool,
+        stats: ReadStats,
+    ) -> Self {
+        CourseFacts {
+            source: source.into(),
+            state: FactsState::Answers {
+                answers,
+                unavailable,
+            },
+            problems,
+            stats,
         }
     }
 
@@ -100,16 +171,39 @@ impl CourseFacts {
                     Some(at) => CourseResult::Passed {
                         at: *at,
                         source: self.source.clone(),
+                        reference: None,
                     },
                     None => CourseResult::NotPassed,
                 }
             }
+            FactsState::Answers { answers, .. } => answers
+                .get(&course_key(user, lms_id))
+                .cloned()
+                .unwrap_or_else(|| CourseResult::Unknown {
+                    reason: format!("{}: this user and course were not looked up", self.source),
+                }),
         }
     }
 
-    /// Whether the whole source was unreadable.
+    /// Whether the whole source was unreadable (a report), or the platform failed as a whole.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self.state, FactsState::Unavailable { .. })
+        match &self.state {
+            FactsState::Unavailable { .. } => true,
+            FactsState::Report { .. } => false,
+            FactsState::Answers { unavailable, .. } => *unavailable,
+        }
+    }
+
+    /// The kind of source: `csv`, `xlsx`, `moodle`, `canvas`, `xapi` (metrics label).
+    pub fn platform(&self) -> &str {
+        self.source
+            .split_once(':')
+            .map_or(self.source.as_str(), |(kind, _)| kind)
+    }
+
+    /// Requests, cache hits and errors of this read.
+    pub fn stats(&self) -> &ReadStats {
+        &self.stats
     }
 
     /// Where the facts came from, e.g. `csv:lms/results.csv`.
@@ -123,7 +217,23 @@ impl CourseFacts {
     }
 }
 
-/// The configured course-results source.
+/// One (user, course) the reconcile needs an answer for from an HTTP platform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Query {
+    /// The user as the order names them: the key the decision asks with.
+    pub user: String,
+    /// The name the platform knows them by: the account as the directory spells it, or `user`.
+    pub login: String,
+    /// The directory's `mail` for the user (xAPI agents).
+    pub mail: Option<String>,
+    /// The course's `lms_id`.
+    pub lms_id: String,
+    /// Whether coursegate holds a membership that needs this course: a pass of such a pair is
+    /// re-verified at `reverify_interval` rather than `cache_ttl`.
+    pub granted: bool,
+}
+
+/// A results report source (`kind = "csv"` / `"xlsx"`, SPEC §5).
 #[derive(Debug, Clone)]
 pub enum CourseSource {
     /// An exported results report in CSV (SPEC §5).
@@ -146,20 +256,15 @@ impl CourseSource {
                 CourseFacts::unavailable(source, format!("report reader failed: {e}"))
             })
     }
-}
 
-impl CourseSource {
-    /// The source the `[lms]` section describes.
-    pub fn from_config(lms: &crate::config::Lms) -> CourseSource {
+    /// The report the `[lms]` section describes; `None` for an HTTP platform.
+    pub fn from_config(lms: &crate::config::Lms) -> Option<CourseSource> {
+        let path = lms.path.clone()?;
+        let label = lms.label.clone();
         match lms.kind {
-            crate::config::LmsKind::Csv => CourseSource::Csv {
-                path: lms.path.clone(),
-                label: lms.label.clone(),
-            },
-            crate::config::LmsKind::Xlsx => CourseSource::Xlsx {
-                path: lms.path.clone(),
-                label: lms.label.clone(),
-            },
+            crate::config::LmsKind::Csv => Some(CourseSource::Csv { path, label }),
+            crate::config::LmsKind::Xlsx => Some(CourseSource::Xlsx { path, label }),
+            _ => None,
         }
     }
 }

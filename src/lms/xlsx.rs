@@ -160,6 +160,7 @@ mod tests {
         CourseResult::Passed {
             at,
             source: LABEL.to_string(),
+            reference: None,
         }
     }
 
