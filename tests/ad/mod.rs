@@ -286,7 +286,7 @@ fn tls_and_binds(dc: &SambaDc) {
         let err = stderr(&out);
         let first = err
             .lines()
-            .find(|l| l.contains("ERROR"))
+            .find(|l| l.starts_with("error:"))
             .unwrap_or_default();
         eprintln!("refused as expected: {first}");
         for e in expected {
