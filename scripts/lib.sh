@@ -1,5 +1,6 @@
 # Shared by scripts/test.sh and scripts/demo.sh (sourced, not run): installing the OpenLDAP
-# packages the integration tests and the demo need, and running a throwaway slapd.
+# packages the integration tests and the demo need (and Samba's AD DC, which only the tests
+# need), and running a throwaway slapd.
 # shellcheck shell=bash
 
 # The packages, and a file or command that shows each is there.
@@ -40,40 +41,80 @@ cg_ensure_packages() {
   local missing
   missing=$(cg_missing_packages)
   if [ -n "$missing" ]; then
-    if ! command -v apt-get >/dev/null 2>&1; then
-      echo "error: missing $missing, and this is not a Debian/Ubuntu system (no apt-get)." >&2
-      echo "Install OpenLDAP's slapd and client tools and openssl with your package manager." >&2
-      return 1
-    fi
-    echo "Installing missing packages: $missing"
-    # policy-rc.d exit code 101 tells invoke-rc.d not to start services during installation.
-    local policy=/usr/sbin/policy-rc.d created_policy=""
-    if [ ! -e "$policy" ]; then
-      printf '#!/bin/sh\nexit 101\n' | cg_as_root tee "$policy" >/dev/null
-      cg_as_root chmod 755 "$policy"
-      created_policy=1
-    fi
-    local status=0
     # shellcheck disable=SC2086 # $missing is a list of package names
-    cg_as_root apt-get update -qq &&
-      cg_as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -qq --no-install-recommends $missing || status=$?
-    if [ -n "$created_policy" ]; then
-      cg_as_root rm -f "$policy"
-    fi
-    [ "$status" -eq 0 ] || return "$status"
+    cg_apt_install $missing || return
     case " $missing " in
       *" slapd "*)
         # Installed just now, so it is ours to stop; a slapd that was there before is left alone.
-        if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-          cg_as_root systemctl disable --now slapd >/dev/null 2>&1 || true
-        else
-          cg_as_root service slapd stop >/dev/null 2>&1 || true
-        fi
+        cg_stop_service slapd
         ;;
     esac
   fi
   cg_allow_slapd_in_tmp
+}
+
+# What the Active Directory tests need: Samba's AD DC (samba-tool provisions from the schema
+# files in samba-ad-provision, which Debian 12 only recommends) and its client-side winbind.
+CG_SAMBA_PACKAGES=(samba samba-ad-dc samba-ad-provision winbind)
+# The system services those packages bring. The tests run their own DC on 127.0.0.1:389/636
+# (fixed ports), so none of these may run.
+CG_SAMBA_SERVICES=(samba-ad-dc smbd nmbd winbind)
+
+# Installs the Samba packages if any part is missing (only scripts/test.sh needs them), keeping
+# their services from starting and stopping them should they start anyway. Warns if something
+# already listens where the tests' DC must (127.0.0.1:389 or :636).
+cg_ensure_samba() {
+  if [ ! -x /usr/sbin/samba ] || ! command -v samba-tool >/dev/null 2>&1 ||
+    [ ! -d /usr/share/samba/setup/ad-schema ]; then
+    cg_apt_install "${CG_SAMBA_PACKAGES[@]}" || return
+    local service
+    for service in "${CG_SAMBA_SERVICES[@]}"; do
+      cg_stop_service "$service"
+    done
+  fi
+  local port
+  for port in 389 636; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "warning: something listens on 127.0.0.1:$port; the Active Directory tests need that" \
+        "port for their own Samba DC and will fail (see: ss -ltnp)" >&2
+    fi
+  done
+}
+
+# Installs Debian packages without starting their services (Debian/Ubuntu only).
+cg_apt_install() {
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: missing $*, and this is not a Debian/Ubuntu system (no apt-get)." >&2
+    echo "Install them (or your system's equivalents) with your package manager." >&2
+    return 1
+  fi
+  echo "Installing missing packages: $*"
+  # policy-rc.d exit code 101 tells invoke-rc.d not to start services during installation.
+  local policy=/usr/sbin/policy-rc.d created_policy=""
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' | cg_as_root tee "$policy" >/dev/null
+    cg_as_root chmod 755 "$policy"
+    created_policy=1
+  fi
+  local status=0
+  cg_as_root apt-get update -qq &&
+    cg_as_root env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends "$@" || status=$?
+  if [ -n "$created_policy" ]; then
+    cg_as_root rm -f "$policy"
+  fi
+  return "$status"
+}
+
+# Stops a system service and keeps it from starting at boot: through systemd where systemd runs
+# (containers often have none), else through its init script, if it has one. Never fails.
+cg_stop_service() {
+  local service=$1
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    cg_as_root systemctl disable --now "$service" >/dev/null 2>&1 || true
+  elif [ -x "/etc/init.d/$service" ]; then
+    cg_as_root service "$service" stop >/dev/null 2>&1 || true
+  fi
 }
 
 # Ubuntu confines /usr/sbin/slapd with AppArmor to its system paths; our throwaway instances live

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (see README; CI runs it through .ci/run): installs what the
-# integration tests need (slapd, ldap-utils, openssl) if missing, then checks formatting and
-# lints and runs the whole test suite. Runs from any working directory.
+# integration tests need (slapd, ldap-utils, openssl, python3; Samba's AD DC packages; NATS) if
+# missing, then checks formatting and lints and runs the whole test suite. Runs from any
+# working directory.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,6 +22,7 @@ if command -v rustup >/dev/null 2>&1; then
   done
 fi
 cg_ensure_packages
+cg_ensure_samba
 cg_ensure_nats
 
 echo "== cargo fmt --check"

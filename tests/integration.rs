@@ -1,9 +1,10 @@
-//! Integration tests: coursegate against a real OpenLDAP slapd (see `common`), driven through
-//! the real binary.
+//! Integration tests: coursegate against a real OpenLDAP slapd (see `common`) and a real Samba
+//! AD DC (see `ad`), driven through the real binary.
 //!
 //! The first tests check the harness itself, so that a failure elsewhere can be trusted to be
 //! coursegate's and not the test directory's.
 
+mod ad;
 mod badinput;
 mod common;
 mod daemon;

@@ -122,8 +122,10 @@ fn unescape(value: &str) -> String {
     let mut keep = 0;
     while i < raw.len() {
         if raw[i] == b'\\' && i + 1 < raw.len() {
+            // Exactly two hex digits (`from_str_radix` alone would also take `\+0` for a NUL).
             let hex = raw
                 .get(i + 1..i + 3)
+                .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
                 .and_then(|h| std::str::from_utf8(h).ok())
                 .and_then(|h| u8::from_str_radix(h, 16).ok());
             match hex {
@@ -234,6 +236,79 @@ mod tests {
         }
         assert!(normalize_plain("cn=a\\,b,dc=x").is_none());
         assert!(normalize_plain("cn=a=b,dc=x").is_none());
+    }
+
+    #[test]
+    fn active_directory_spellings_normalize_equal() {
+        // How AD returns a DN, how an admin may type it, and the RFC 4514 hex forms.
+        let ad = "CN=Andersson\\, Anna,OU=Radiologi,DC=region,DC=se";
+        for other in [
+            "cn=andersson\\2c anna, ou=radiologi, dc=region, dc=se",
+            "CN=ANDERSSON\\2C ANNA,OU=RADIOLOGI,DC=REGION,DC=SE",
+            "cn = Andersson\\, Anna , OU=Radiologi,DC=region,DC=se",
+            "CN=\\41ndersson\\, Anna,OU=Radiologi,DC=region,DC=se",
+        ] {
+            assert_eq!(normalize(ad), normalize(other), "{other}");
+        }
+        // Non-ASCII: UTF-8 as it is, or escaped byte by byte in either hex case; and the case
+        // of non-ASCII letters is folded too (AD's naming attributes ignore case).
+        let swedish = normalize("CN=Åström\\, Örjan,OU=Röntgen,DC=region,DC=se");
+        for other in [
+            "CN=\\C3\\85str\\C3\\B6m\\2C \\C3\\96rjan,OU=R\\C3\\B6ntgen,DC=region,DC=se",
+            "cn=\\c3\\85str\\c3\\b6m\\2c \\c3\\96rjan,ou=r\\c3\\b6ntgen,dc=region,dc=se",
+            "cn=åström\\, örjan,ou=röntgen,dc=region,dc=se",
+            "CN=ÅSTRÖM\\, ÖRJAN,OU=RÖNTGEN,DC=REGION,DC=SE",
+        ] {
+            assert_eq!(swedish, normalize(other), "{other}");
+        }
+        // An escaped comma is part of the value; an unescaped one separates RDNs.
+        assert_ne!(
+            normalize("CN=Andersson\\, Anna,DC=se"),
+            normalize("CN=Andersson, Anna,DC=se")
+        );
+        assert_ne!(
+            normalize("CN=Anna Andersson,DC=se"),
+            normalize("CN=AnnaAndersson,DC=se")
+        );
+        assert_ne!(normalize("CN=Ann,DC=se"), normalize("CN=Anna,DC=se"));
+        // `\+` escapes a plus sign; the `0` after it is not a hex digit of it.
+        assert_eq!(normalize("CN=a\\+0,DC=se"), "cn=a\\+0,dc=se");
+        assert_ne!(normalize("CN=\\+0,DC=se"), normalize("CN=\\00,DC=se"));
+    }
+
+    /// Every byte of `value` as a `\XX` escape, hex digits in upper or lower case.
+    fn hex_escaped(value: &str, upper: bool) -> String {
+        value
+            .bytes()
+            .map(|b| {
+                if upper {
+                    format!("\\{b:02X}")
+                } else {
+                    format!("\\{b:02x}")
+                }
+            })
+            .collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(500))]
+
+        /// However a server or an admin escapes a name, it normalizes to one form; and names
+        /// that differ (beyond case) never collide.
+        #[test]
+        fn escaping_never_changes_identity(
+            a in "[a-zA-Z0-9 ,+\"\\\\<>;=#åÅöÖéÉ\u{1F600}]{1,12}",
+            b in "[a-zA-Z0-9 ,+\"\\\\<>;=#åÅöÖéÉ\u{1F600}]{1,12}",
+            upper in proptest::bool::ANY,
+        ) {
+            let dn = |v: &str| format!("CN={},OU=People,DC=region,DC=se", escape_dn_value(v));
+            let hex = format!("cn={}, ou=people, dc=REGION, dc=se", hex_escaped(&a, upper));
+            proptest::prop_assert_eq!(normalize(&dn(&a)), normalize(&hex));
+            proptest::prop_assert_eq!(normalize(&dn(&a)), normalize(&normalize(&dn(&a))));
+            if a.to_lowercase() != b.to_lowercase() {
+                proptest::prop_assert_ne!(normalize(&dn(&a)), normalize(&dn(&b)));
+            }
+        }
     }
 
     #[test]

@@ -3,11 +3,22 @@
 //!
 //! Every operation is batched so that a reconcile of tens of thousands of orders costs tens of
 //! LDAP operations: users are resolved many at a time (their escaped filters OR-ed into one
-//! paged search), each group's members are read with one search, and changes go out as one
-//! modify per group and action carrying many values (bounded by [`MAX_VALUES_PER_MODIFY`]).
+//! paged search of `page_size` entries per page), each group's members are read with one search
+//! (on Active Directory: one per `range_size` values, see [`range`]), and changes go out as one
+//! modify per group and action carrying many values (bounded by [`MAX_VALUES_PER_MODIFY`] and
+//! `range_size`).
+//!
+//! Active Directory is recognised by its root DSE (`supportedCapabilities` contains
+//! [`AD_CAPABILITY`]; Samba's AD DC says the same), read once after the bind. Everything else
+//! works the same on every server: the liveness probe reads the root DSE (Samba has no WhoAmI),
+//! DNs are compared in a normal form ([`dn::normalize`]), and Active Directory's answers to
+//! adding a member that is there (68) or removing one that is not (53) count as success like
+//! OpenLDAP's (20, 16).
 
 pub mod dn;
+mod explain;
 mod member_of;
+pub mod range;
 
 pub use member_of::MemberEntries;
 
@@ -21,28 +32,47 @@ use crate::config::{self, Secret};
 use crate::plan::UserLookup;
 
 /// Values per modify operation: large batches, but below what Active Directory refuses
-/// (ADMIN_LIMIT_EXCEEDED on very large modifies).
+/// (ADMIN_LIMIT_EXCEEDED on very large modifies). A configured `range_size` below it lowers it
+/// further, and a batch the server still finds too large is split in halves.
 pub const MAX_VALUES_PER_MODIFY: usize = 1000;
-/// Users resolved per search (their filters are OR-ed together).
+/// `supportedCapabilities` value of Active Directory (LDAP_CAP_ACTIVE_DIRECTORY_OID), also
+/// announced by Samba's AD DC.
+pub const AD_CAPABILITY: &str = "1.2.840.113556.1.4.800";
+/// Users resolved per search (their names OR-ed into one filter, see `batch_filter`).
 pub const USERS_PER_SEARCH: usize = 500;
 
 /// The attribute read with every user entry for the person's e-mail address.
 pub const MAIL_ATTRIBUTE: &str = "mail";
 
 // LDAP result codes (RFC 4511 appendix A) that the adapter handles.
+const RC_STRONGER_AUTH_REQUIRED: u32 = 8;
+const RC_ADMIN_LIMIT_EXCEEDED: u32 = 11;
 const RC_NO_SUCH_ATTRIBUTE: u32 = 16;
 const RC_TYPE_OR_VALUE_EXISTS: u32 = 20;
 const RC_NO_SUCH_OBJECT: u32 = 32;
-const RC_OBJECT_CLASS_VIOLATION: u32 = 65;
-const RC_STRONGER_AUTH_REQUIRED: u32 = 8;
+const RC_INVALID_CREDENTIALS: u32 = 49;
 const RC_INSUFFICIENT_ACCESS: u32 = 50;
+/// Active Directory's answer to removing a member that is not there (WILL_NOT_PERFORM).
+const RC_UNWILLING_TO_PERFORM: u32 = 53;
+const RC_OBJECT_CLASS_VIOLATION: u32 = 65;
+/// Active Directory's answer to adding a member that is there (ENTRY_EXISTS).
+const RC_ALREADY_EXISTS: u32 = 68;
 
 /// How one modify batch failed.
 enum ChunkError {
     /// The server refused this batch (maybe because of one value): worth retrying per value.
     Refused(DirectoryError),
+    /// The server found the batch too large (adminLimitExceeded): worth retrying in halves.
+    TooLarge(DirectoryError),
     /// The connection or the group itself is the problem: stop.
     Fatal(DirectoryError),
+}
+
+/// How one attempt to read a group's members failed.
+enum ReadError {
+    /// The group changed between two range reads; reading again from the start may succeed.
+    Shifted(DirectoryError),
+    Failed(DirectoryError),
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -88,11 +118,14 @@ pub struct Directory {
     /// The attribute compared with `{user}` in the user filter, if the filter has the simple
     /// form `(attr={user})` somewhere; it lets one search resolve many users.
     key_attribute: Option<String>,
+    /// The server announced Active Directory's capability: members are read in explicit ranges.
+    active_directory: bool,
     operations: u64,
 }
 
 impl Directory {
-    /// Connects, upgrades with StartTLS if configured, and binds.
+    /// Connects, upgrades with StartTLS if configured, binds, and reads the root DSE to learn
+    /// whether the server is Active Directory.
     pub async fn connect(
         cfg: &config::Ldap,
         password: Option<&Secret>,
@@ -107,18 +140,28 @@ impl Directory {
         }
         let (conn, mut ldap) = LdapConnAsync::with_settings(settings, &url)
             .await
-            .map_err(|e| DirectoryError::Connect {
-                url: url.clone(),
-                message: e.to_string(),
+            .map_err(|e| {
+                match explain::certificate_problem(&e, &url, cfg.tls_ca_file.as_deref()) {
+                    Some(message) => DirectoryError::Tls {
+                        url: url.clone(),
+                        message,
+                    },
+                    None => DirectoryError::Connect {
+                        url: url.clone(),
+                        message: e.to_string(),
+                    },
+                }
             })?;
         ldap3::drive!(conn);
         ldap.with_timeout(cfg.timeout);
+        let mut operations = 0;
         if let (Some(dn), Some(pw)) = (&cfg.bind_dn, password) {
             let plain = !lower.starts_with("ldaps://") && !cfg.starttls;
             if plain && !config::is_loopback_url(&url) {
                 // Only reachable with allow_insecure_bind = true (config validation refuses it).
                 tracing::warn!(url = %url, "binding with a password over an unencrypted ldap:// connection (allow_insecure_bind = true)");
             }
+            operations += 1;
             let result =
                 ldap.simple_bind(dn, pw.expose())
                     .await
@@ -127,33 +170,70 @@ impl Directory {
                         message: e.to_string(),
                     })?;
             if result.rc != 0 {
-                let mut message = format!("result code {}: {}", result.rc, result.text);
-                if result.rc == RC_STRONGER_AUTH_REQUIRED {
-                    message.push_str(
-                        " — the server refuses a simple bind without TLS: use an ldaps:// url or set starttls = true",
-                    );
-                }
-                if result.rc == 49 {
-                    message = format!(
-                        "invalid credentials (result code 49): check bind_dn and the password file {}",
-                        cfg.bind_password_file
-                            .as_deref()
-                            .map(|p| p.display().to_string())
-                            .unwrap_or_default()
-                    );
-                }
+                let message = match result.rc {
+                    RC_STRONGER_AUTH_REQUIRED => {
+                        explain::stronger_auth_required(&url, &result.text)
+                    }
+                    RC_INVALID_CREDENTIALS => explain::invalid_credentials(
+                        cfg.bind_password_file.as_deref(),
+                        &result.text,
+                    ),
+                    rc => format!("result code {rc}: {}", result.text),
+                };
                 return Err(DirectoryError::Bind {
                     dn: dn.clone(),
                     message,
                 });
             }
         }
-        Ok(Directory {
+        let mut dir = Directory {
             ldap,
             key_attribute: key_attribute(&cfg.user_filter),
+            active_directory: false,
             cfg: cfg.clone(),
-            operations: 1,
-        })
+            operations,
+        };
+        // A root DSE that cannot be read (some servers hide it) just means "not Active
+        // Directory": members are then read in one search that follows any ranges returned.
+        match dir.root_dse(vec!["supportedCapabilities"]).await {
+            Ok(Some(entry)) => {
+                dir.active_directory = entry
+                    .attrs
+                    .iter()
+                    .filter(|(k, _)| k.eq_ignore_ascii_case("supportedCapabilities"))
+                    .flat_map(|(_, v)| v)
+                    .any(|v| v.trim() == AD_CAPABILITY);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(url = %url, "root DSE not readable, assuming a server other than Active Directory: {e}")
+            }
+        }
+        if dir.active_directory
+            && !cfg
+                .user_filter
+                .to_ascii_lowercase()
+                .contains("useraccountcontrol")
+        {
+            tracing::warn!(
+                user_filter = %cfg.user_filter,
+                "the directory is Active Directory, and user_filter does not leave out disabled accounts: add (!(userAccountControl:1.2.840.113556.1.4.803:=2)) so that disabling an account takes its access away"
+            );
+        }
+        tracing::debug!(
+            url = %url,
+            active_directory = dir.active_directory,
+            range_size = cfg.range_size,
+            page_size = cfg.page_size,
+            "connected to the directory"
+        );
+        Ok(dir)
+    }
+
+    /// Whether the server announced Active Directory's capability in its root DSE (so group
+    /// members are read in explicit ranges of `range_size` values).
+    pub fn is_active_directory(&self) -> bool {
+        self.active_directory
     }
 
     /// How many LDAP operations this connection has issued (bind, searches, pages, modifies).
@@ -200,14 +280,18 @@ impl Directory {
         &mut self,
         users: &[String],
     ) -> Result<HashMap<String, UserLookup>, DirectoryError> {
-        let filters: Vec<String> = users
-            .iter()
-            .map(|u| dn::user_filter(&self.cfg.user_filter, u))
-            .collect();
-        let filter = if filters.len() == 1 {
-            filters[0].clone()
-        } else {
-            format!("(|{})", filters.concat())
+        let template = &self.cfg.user_filter;
+        let filter = match users {
+            [user] => dn::user_filter(template, user),
+            _ => self
+                .key_attribute
+                .as_deref()
+                .and_then(|attr| batch_filter(template, attr, users))
+                .unwrap_or_else(|| {
+                    let filters: Vec<String> =
+                        users.iter().map(|u| dn::user_filter(template, u)).collect();
+                    format!("(|{})", filters.concat())
+                }),
         };
         let mut attrs = vec![MAIL_ATTRIBUTE.to_string()];
         attrs.extend(self.key_attribute.clone());
@@ -308,97 +392,169 @@ impl Directory {
         Ok(entries)
     }
 
-    /// Reads every value of the member attribute of `group` (one search; following value
-    /// ranges if the server returns them).
+    /// Reads every value of the member attribute of `group`. On Active Directory in explicit
+    /// ranges of `range_size` values (`member;range=0-99`, `member;range=100-199`, … until the
+    /// server answers with a range ending in `*`); elsewhere with one search that follows any
+    /// ranges the server returns. A group that changes between two range reads is read once
+    /// more from the start; a read that cannot be shown complete is an error, never a short
+    /// list.
     pub async fn read_members(&mut self, group: &str) -> Result<Vec<String>, DirectoryError> {
-        let attr = self.cfg.member_attribute.name().to_string();
-        let mut values = Vec::new();
-        let mut request = attr.clone();
-        loop {
-            self.operations += 1;
-            let result = self
-                .ldap
-                .search(group, Scope::Base, "(objectClass=*)", vec![request.clone()])
-                .await
-                .map_err(|e| DirectoryError::Search {
-                    base: group.to_string(),
-                    message: e.to_string(),
-                })?;
-            if result.1.rc == RC_NO_SUCH_OBJECT {
-                return Err(DirectoryError::GroupMissing {
-                    group: group.to_string(),
-                });
-            }
-            if result.1.rc != 0 {
-                return Err(DirectoryError::Search {
-                    base: group.to_string(),
-                    message: format!("result code {}: {}", result.1.rc, result.1.text),
-                });
-            }
-            let Some(entry) = result.0.into_iter().next().map(SearchEntry::construct) else {
-                return Err(DirectoryError::GroupMissing {
-                    group: group.to_string(),
-                });
-            };
-            let mut next = None;
-            for (name, vals) in entry.attrs {
-                let lower = name.to_ascii_lowercase();
-                let prefix = format!("{};range=", attr.to_ascii_lowercase());
-                if lower == attr.to_ascii_lowercase() {
-                    values.extend(vals);
-                } else if let Some(range) = lower.strip_prefix(&prefix) {
-                    values.extend(vals);
-                    // `low-high` means more follow; `low-*` is the last range.
-                    if let Some((_, high)) = range.split_once('-')
-                        && let Ok(high) = high.parse::<u64>()
-                    {
-                        next = Some(format!("{attr};range={}-*", high + 1));
-                    }
+        match self.read_members_once(group).await {
+            Ok(values) => Ok(values),
+            Err(ReadError::Failed(e)) => Err(e),
+            Err(ReadError::Shifted(e)) => {
+                tracing::debug!(group = %group, "group changed while its members were read, reading again: {e}");
+                match self.read_members_once(group).await {
+                    Ok(values) => Ok(values),
+                    Err(ReadError::Failed(e) | ReadError::Shifted(e)) => Err(e),
                 }
-            }
-            match next {
-                Some(n) => request = n,
-                None => return Ok(values),
             }
         }
     }
 
+    async fn read_members_once(&mut self, group: &str) -> Result<Vec<String>, ReadError> {
+        let attr = self.cfg.member_attribute.name().to_string();
+        let step = u64::from(self.cfg.range_size.max(1));
+        let search_error = |message: String| DirectoryError::Search {
+            base: group.to_string(),
+            message,
+        };
+        let mut values = Vec::new();
+        let mut low = 0u64;
+        loop {
+            let request = match (self.active_directory, low) {
+                (true, _) => range::request(&attr, low, step),
+                (false, 0) => attr.clone(),
+                (false, _) => range::request_rest(&attr, low),
+            };
+            let entry = self
+                .read_entry(group, vec![request.clone()])
+                .await
+                .map_err(ReadError::Failed)?
+                .ok_or_else(|| {
+                    ReadError::Failed(DirectoryError::GroupMissing {
+                        group: group.to_string(),
+                    })
+                })?;
+            let mut returned: Option<range::Range> = None;
+            for (name, vals) in entry.attrs {
+                if name.eq_ignore_ascii_case(&attr) {
+                    values.extend(vals);
+                    continue;
+                }
+                match range::parse(&attr, &name) {
+                    None => {}
+                    Some(Err(e)) => return Err(ReadError::Failed(search_error(e))),
+                    Some(Ok(r)) if r.low != low => {
+                        return Err(ReadError::Failed(search_error(format!(
+                            "asked for {request}, the server returned {name}"
+                        ))));
+                    }
+                    Some(Ok(r)) => {
+                        values.extend(vals);
+                        returned = Some(r);
+                    }
+                }
+            }
+            match returned.map(|r| r.end) {
+                Some(range::RangeEnd::Upto(high)) => low = high + 1,
+                Some(range::RangeEnd::Last) => return Ok(values),
+                // The whole attribute at once, or no values at all.
+                None if low == 0 => return Ok(values),
+                // The previous range said more would follow, and now there are none: values
+                // were removed meanwhile, so some of those read may have moved.
+                None => {
+                    return Err(ReadError::Shifted(search_error(format!(
+                        "the server returned nothing for {request} after announcing more values"
+                    ))));
+                }
+            }
+        }
+    }
+
+    /// Reads one entry with the given attributes; `None` if it does not exist.
+    async fn read_entry(
+        &mut self,
+        dn: &str,
+        attrs: Vec<String>,
+    ) -> Result<Option<SearchEntry>, DirectoryError> {
+        let base = if dn.is_empty() { "root DSE" } else { dn };
+        let err = |message: String| DirectoryError::Search {
+            base: base.to_string(),
+            message,
+        };
+        self.operations += 1;
+        let ldap3::SearchResult(entries, result) = self
+            .ldap
+            .search(dn, Scope::Base, "(objectClass=*)", attrs)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        match result.rc {
+            0 => Ok(entries.into_iter().next().map(SearchEntry::construct)),
+            RC_NO_SUCH_OBJECT => Ok(None),
+            rc => Err(err(format!("result code {rc}: {}", result.text))),
+        }
+    }
+
+    async fn root_dse(&mut self, attrs: Vec<&str>) -> Result<Option<SearchEntry>, DirectoryError> {
+        self.read_entry("", attrs.into_iter().map(String::from).collect())
+            .await
+    }
+
+    /// How many values go into one modify: [`MAX_VALUES_PER_MODIFY`], or `range_size` if that
+    /// is smaller (an Active Directory whose MaxValRange was lowered takes smaller modifies too).
+    pub fn values_per_modify(&self) -> usize {
+        MAX_VALUES_PER_MODIFY
+            .min(usize::try_from(self.cfg.range_size).unwrap_or(usize::MAX))
+            .max(1)
+    }
+
     /// Adds or removes `values` in `group`'s member attribute, in modifies of at most
-    /// [`MAX_VALUES_PER_MODIFY`] values. Adding a value that is there or removing one that is
-    /// gone counts as success. If a removal would leave a group that must have a member empty,
-    /// the configured `placeholder_member` is added in the same modify.
+    /// [`Directory::values_per_modify`] values; never a `replace` of the attribute. Adding a
+    /// value that is there or removing one that is gone counts as success. If a removal would
+    /// leave a group that must have a member empty, the configured `placeholder_member` is added
+    /// in the same modify.
     ///
-    /// When the server refuses a batch because of one value (say, a non-ASCII `memberUid`),
-    /// the values are retried one by one so that one bad value does not block the others.
-    /// Returns the values that failed (index into `values`, error); `Err` means the whole
-    /// change failed (connection lost, no permission on the group).
+    /// A batch the server finds too large (adminLimitExceeded) is split in halves. When the
+    /// server refuses a batch because of one value (say, a non-ASCII `memberUid`, or a DN that
+    /// names no entry on Active Directory), the values are retried one by one so that one bad
+    /// value does not block the others. Returns the values that failed (index into `values`,
+    /// error), in order; `Err` means the whole change failed (connection lost, no permission on
+    /// the group, the group is gone).
     pub async fn change_members(
         &mut self,
         group: &str,
         change: MemberChange,
         values: &[String],
     ) -> Result<Vec<(usize, DirectoryError)>, DirectoryError> {
+        let size = self.values_per_modify();
         let mut failed = Vec::new();
-        for (n, chunk) in values.chunks(MAX_VALUES_PER_MODIFY).enumerate() {
-            let offset = n * MAX_VALUES_PER_MODIFY;
+        // (offset, length) of the batches still to send, the next one last.
+        let mut pending: Vec<(usize, usize)> = (0..values.len())
+            .step_by(size)
+            .map(|offset| (offset, size.min(values.len() - offset)))
+            .rev()
+            .collect();
+        while let Some((offset, len)) = pending.pop() {
+            let chunk = &values[offset..offset + len];
             match self.change_chunk(group, change, chunk).await {
                 Ok(()) => {}
                 Err(ChunkError::Fatal(e)) => return Err(e),
-                Err(ChunkError::Refused(e)) if chunk.len() == 1 => failed.push((offset, e)),
+                Err(ChunkError::Refused(e) | ChunkError::TooLarge(e)) if len == 1 => {
+                    failed.push((offset, e));
+                }
+                Err(ChunkError::TooLarge(e)) => {
+                    tracing::debug!(group = %group, values = len, "batch too large for the server, splitting it: {e}");
+                    let half = len / 2;
+                    pending.push((offset + half, len - half));
+                    pending.push((offset, half));
+                }
                 Err(ChunkError::Refused(_)) => {
-                    for (i, value) in chunk.iter().enumerate() {
-                        match self
-                            .change_chunk(group, change, std::slice::from_ref(value))
-                            .await
-                        {
-                            Ok(()) => {}
-                            Err(ChunkError::Fatal(e)) => return Err(e),
-                            Err(ChunkError::Refused(e)) => failed.push((offset + i, e)),
-                        }
-                    }
+                    pending.extend((offset..offset + len).rev().map(|i| (i, 1)));
                 }
             }
         }
+        failed.sort_by_key(|(i, _)| *i);
         Ok(failed)
     }
 
@@ -408,28 +564,33 @@ impl Directory {
         change: MemberChange,
         values: &[String],
     ) -> Result<(), ChunkError> {
-        let refused = |message: String| {
-            ChunkError::Refused(DirectoryError::Modify {
-                group: group.to_string(),
-                message,
-            })
+        let modify_error = |rc: u32, text: &str| DirectoryError::Modify {
+            group: group.to_string(),
+            message: format!("result code {rc}: {text}"),
         };
         let mut values: Vec<String> = values.to_vec();
         let mut with_placeholder = false;
-        // At most: one try, one after re-reading the group (rc 16/20), one with the placeholder.
+        // At most: one try, one after re-reading the group (some values were already (not)
+        // there), one with the placeholder.
         for _ in 0..3 {
             if values.is_empty() {
                 return Ok(());
             }
-            let rc = self
+            let (rc, text) = self
                 .modify(group, change, &values, with_placeholder)
                 .await
                 .map_err(ChunkError::Fatal)?;
+            let already = match change {
+                MemberChange::Add => matches!(rc, RC_TYPE_OR_VALUE_EXISTS | RC_ALREADY_EXISTS),
+                MemberChange::Remove => {
+                    matches!(rc, RC_NO_SUCH_ATTRIBUTE | RC_UNWILLING_TO_PERFORM)
+                }
+            };
             match rc {
-                (0, _) => return Ok(()),
-                (RC_TYPE_OR_VALUE_EXISTS, _) | (RC_NO_SUCH_ATTRIBUTE, _) => {
-                    // Some values were already (not) there: keep only those that still need the
-                    // change. LDAP applies a modify all-or-nothing, so nothing was changed.
+                0 => return Ok(()),
+                _ if already => {
+                    // Some values may already be (not) there: keep only those that still need
+                    // the change. LDAP applies a modify all-or-nothing, so nothing was changed.
                     let attribute = self.cfg.member_attribute;
                     let current: BTreeSet<String> = self
                         .read_members(group)
@@ -438,6 +599,7 @@ impl Directory {
                         .iter()
                         .map(|v| crate::state::member_key(v, attribute))
                         .collect();
+                    let before = values.len();
                     values.retain(|v| {
                         let present = current.contains(&crate::state::member_key(v, attribute));
                         match change {
@@ -445,28 +607,52 @@ impl Directory {
                             MemberChange::Remove => present,
                         }
                     });
+                    if values.len() == before {
+                        // Every value still needs the change: the refusal is about something
+                        // else (53 has other meanings on Active Directory).
+                        return Err(ChunkError::Refused(modify_error(rc, &text)));
+                    }
                 }
-                (RC_OBJECT_CLASS_VIOLATION, text) if change == MemberChange::Remove => {
+                RC_OBJECT_CLASS_VIOLATION if change == MemberChange::Remove => {
                     if self.cfg.placeholder_member.is_none() || with_placeholder {
-                        return Err(refused(format!(
-                            "the server refused to remove the last member ({text}); set [ldap] placeholder_member so the group keeps a placeholder member"
-                        )));
+                        return Err(ChunkError::Refused(DirectoryError::Modify {
+                            group: group.to_string(),
+                            message: format!(
+                                "the server refused to remove the last member ({text}); set [ldap] placeholder_member so the group keeps a placeholder member"
+                            ),
+                        }));
                     }
                     with_placeholder = true;
                 }
-                (RC_INSUFFICIENT_ACCESS, text) | (RC_NO_SUCH_OBJECT, text) => {
-                    // About the group, not a value: retrying value by value cannot help.
-                    return Err(ChunkError::Fatal(DirectoryError::Modify {
-                        group: group.to_string(),
-                        message: format!("result code {}: {text}", rc.0),
-                    }));
+                RC_ADMIN_LIMIT_EXCEEDED => {
+                    return Err(ChunkError::TooLarge(modify_error(rc, &text)));
                 }
-                (code, text) => return Err(refused(format!("result code {code}: {text}"))),
+                // About the group, not a value: retrying value by value cannot help.
+                RC_INSUFFICIENT_ACCESS => return Err(ChunkError::Fatal(modify_error(rc, &text))),
+                RC_NO_SUCH_OBJECT => {
+                    // Either the group is gone, or (Active Directory checks `member` values)
+                    // a value names an entry that does not exist.
+                    let exists = self
+                        .read_entry(group, vec!["1.1".to_string()])
+                        .await
+                        .map_err(ChunkError::Fatal)?
+                        .is_some();
+                    return Err(if exists {
+                        ChunkError::Refused(modify_error(rc, &text))
+                    } else {
+                        ChunkError::Fatal(DirectoryError::GroupMissing {
+                            group: group.to_string(),
+                        })
+                    });
+                }
+                rc => return Err(ChunkError::Refused(modify_error(rc, &text))),
             }
         }
-        Err(refused(
-            "the group kept changing while coursegate modified it; will retry next run".to_string(),
-        ))
+        Err(ChunkError::Refused(DirectoryError::Modify {
+            group: group.to_string(),
+            message: "the group kept changing while coursegate modified it; will retry next run"
+                .to_string(),
+        }))
     }
 
     async fn modify(
@@ -498,24 +684,10 @@ impl Directory {
         }
     }
 
-    /// A cheap liveness probe that works on every server: read the root DSE.
+    /// A cheap liveness probe that works on every server: read the root DSE. (Not WhoAmI:
+    /// Samba's AD DC answers that extended operation with "Protocol error".)
     pub async fn probe(&mut self) -> Result<(), DirectoryError> {
-        self.operations += 1;
-        let r = self
-            .ldap
-            .search("", Scope::Base, "(objectClass=*)", vec!["1.1"])
-            .await
-            .map_err(|e| DirectoryError::Search {
-                base: "root DSE".to_string(),
-                message: e.to_string(),
-            })?;
-        if r.1.rc != 0 {
-            return Err(DirectoryError::Search {
-                base: "root DSE".to_string(),
-                message: format!("result code {}: {}", r.1.rc, r.1.text),
-            });
-        }
-        Ok(())
+        self.root_dse(vec!["1.1"]).await.map(|_| ())
     }
 
     /// Ends the session politely.
@@ -542,6 +714,41 @@ fn key_attribute(filter: &str) -> Option<String> {
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == ';');
     valid.then(|| attr.to_string())
+}
+
+/// The filter that finds all of `users` in one search: the template with its `(attr={user})`
+/// replaced by `(|(attr=u1)(attr=u2)…)`. Because the placeholder appears once and not under a
+/// `!`, this matches exactly the entries the users' own filters match, OR-ed together — and
+/// servers evaluate it far faster (Samba's AD DC: 0.08 s instead of 1.1 s for 500 users with
+/// the recommended AD filter, which it cannot serve from an index when each user's copy of it
+/// is OR-ed). `None` when the placeholder is under a negation.
+fn batch_filter(template: &str, attr: &str, users: &[String]) -> Option<String> {
+    let atom = format!("({attr}={{user}})");
+    let at = template.find(&atom)?;
+    // Raw parentheses are filter structure (RFC 4515 escapes them in values as \28, \29).
+    let mut negated: Vec<bool> = Vec::new();
+    let bytes = template.as_bytes();
+    for (i, &b) in bytes[..at].iter().enumerate() {
+        match b {
+            b'(' => negated.push(bytes.get(i + 1) == Some(&b'!')),
+            b')' => {
+                negated.pop();
+            }
+            _ => {}
+        }
+    }
+    if negated.contains(&true) {
+        return None;
+    }
+    let alternatives: String = users
+        .iter()
+        .map(|u| format!("({attr}={})", dn::escape_filter_value(u)))
+        .collect();
+    Some(format!(
+        "{}(|{alternatives}){}",
+        &template[..at],
+        &template[at + atom.len()..]
+    ))
 }
 
 fn tls_config(cfg: &config::Ldap) -> Result<Arc<rustls::ClientConfig>, DirectoryError> {
@@ -612,5 +819,30 @@ mod tests {
         );
         assert_eq!(key_attribute("(|(uid={user})(mail={user}))"), None);
         assert_eq!(key_attribute("(cn=*{user}*)"), None);
+    }
+
+    #[test]
+    fn batch_filters_put_the_alternatives_where_the_placeholder_was() {
+        let users = ["anna".to_string(), "a)(x=*".to_string()];
+        assert_eq!(
+            batch_filter("(uid={user})", "uid", &users).as_deref(),
+            Some("(|(uid=anna)(uid=a\\29\\28x=\\2a))")
+        );
+        let ad = "(&(objectCategory=person)(sAMAccountName={user})(!(userAccountControl:1.2.840.113556.1.4.803:=2)))";
+        assert_eq!(
+            batch_filter(ad, "sAMAccountName", &users[..1]).as_deref(),
+            Some(
+                "(&(objectCategory=person)(|(sAMAccountName=anna))(!(userAccountControl:1.2.840.113556.1.4.803:=2)))"
+            )
+        );
+        // Under a negation, OR-ing inside would change the meaning: not rewritten.
+        assert_eq!(
+            batch_filter("(&(objectClass=person)(!(!(uid={user}))))", "uid", &users),
+            None
+        );
+        assert_eq!(
+            batch_filter("(&(!(x=1))(uid={user}))", "uid", &users).as_deref(),
+            Some("(&(!(x=1))(|(uid=anna)(uid=a\\29\\28x=\\2a)))")
+        );
     }
 }

@@ -218,6 +218,12 @@ fn daemon_converges_on_file_events_and_speaks_systemd() {
     d.wait_for("anna revoked", |_| !w.members(WIM_GROUP).contains(&anna));
 
     d.wait_for("ready", |d| d.http("/readyz").0 == 200);
+    // The directory shows the revocation before the pass that made it has recorded its metrics.
+    d.wait_for("the revoking pass's metrics", |d| {
+        let metrics = d.http("/metrics").1;
+        metrics.contains("coursegate_revocations_total{profile=\"wim\"} 1")
+            && metrics.contains("coursegate_orders{phase=\"grant\"} 1")
+    });
     let (code, metrics) = d.http("/metrics");
     assert_eq!(code, 200);
     for needle in [
