@@ -5,7 +5,7 @@
 # each contender gets a fresh slapd (same config: mdb, memberof overlay, index on memberOf):
 #
 #   1. initial convergence: `ldapmodify` adding every membership in one modify per group (the
-#      directory's own limit); a Python ldap3 script that looks each user up and adds them with
+#      directory's own limit; at most 50,000 values per modify); a Python ldap3 script that looks each user up and adds them with
 #      one modify per membership (the tool an admin would write; skipped above PER_USER_MAX,
 #      default 20000, because it runs for many minutes); `coursegate apply`;
 #   2. steady state: `coursegate apply` with nothing changed, and with 1 % of the orders changed
@@ -103,12 +103,15 @@ for n in "$@"; do
   for ((i = 0; i < n; i++)); do order "$i" >"$work/desired/B-$i.toml"; done
   cp "$repo/examples/ldap-password" "$work/" && chmod 600 "$work/ldap-password"
 
-  # (a) The directory's own limit: one modify per group with every member.
+  # (a) The directory's own limit: one modify per group with every member (50,000 values at
+  # most per modify, like coursegate: slapd refuses an authenticated request above 4 MB).
   {
     for g in "${groups[@]}"; do
-      printf 'dn: %s\nchangetype: modify\nadd: member\n' "$g"
-      for ((i = 0; i < n; i++)); do printf 'member: uid=b%07d,ou=people,dc=example,dc=org\n' "$i"; done
-      printf '\n'
+      for ((start = 0; start < n; start += 50000)); do
+        printf 'dn: %s\nchangetype: modify\nadd: member\n' "$g"
+        for ((i = start; i < n && i < start + 50000; i++)); do printf 'member: uid=b%07d,ou=people,dc=example,dc=org\n' "$i"; done
+        printf '\n'
+      done
     done
   } >"$work/batched.ldif"
   fresh_slapd

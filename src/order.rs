@@ -547,7 +547,7 @@ pub fn scan(
 /// Parse results of unchanged files, so a long-running process re-reads only what changed.
 /// A file counts as unchanged while its size, modification time, change time and inode are
 /// the same. The cache is only valid for one set of profiles: clear it when the config changes.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ParseCache {
     entries: BTreeMap<String, (FileStamp, Result<Order, String>)>,
 }
@@ -556,10 +556,29 @@ impl ParseCache {
     pub fn clear(&mut self) {
         self.entries.clear();
     }
+
+    /// Drops entries for files modified less than `settle` before `now`: a file written again
+    /// within the file system's timestamp granularity could keep its stamp, so only settled
+    /// files may be trusted by a later process (git's "racily clean" rule).
+    pub fn settled(&self, now: std::time::SystemTime, settle: std::time::Duration) -> ParseCache {
+        let limit = now
+            .checked_sub(settle)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        ParseCache {
+            entries: self
+                .entries
+                .iter()
+                .filter(|(_, (stamp, _))| stamp.mtime_ns < limit && stamp.ctime_ns < limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
 }
 
 /// What identifies one version of a file without reading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileStamp {
     len: u64,
     mtime_ns: i128,

@@ -317,9 +317,17 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     // (user, normalized group) -> why the pair no longer wants the membership.
     let mut lost_reason: BTreeMap<(String, String), String> = BTreeMap::new();
 
+    // Normal forms computed once, not once per pair: DN normalization dominated large plans.
+    let profile_group_norm: HashMap<&str, String> = config
+        .access
+        .iter()
+        .map(|(name, p)| (name.as_str(), dn::normalize(&p.group)))
+        .collect();
+    let mut member_keys: HashMap<&str, String> = HashMap::new();
+
     for ((user, access), orders) in &pairs {
         let profile = &config.access[access];
-        let group_norm = dn::normalize(&profile.group);
+        let group_norm = profile_group_norm[access.as_str()].clone();
         let mut order_ids: Vec<String> = orders.iter().map(|o| o.order.id.clone()).collect();
         order_ids.sort();
         order_ids.dedup();
@@ -341,13 +349,19 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             }),
             _ => None,
         };
-        let key = member_value
-            .as_ref()
-            .map(|m| membership_key(&profile.group, m, attr));
+        let mkey: Option<&String> = match &member_value {
+            Some(m) => Some(
+                member_keys
+                    .entry(user.as_str())
+                    .or_insert_with(|| member_key(m, attr)),
+            ),
+            None => None,
+        };
+        let key = mkey.map(|m| format!("{group_norm}\u{1f}{m}"));
         let owned = key.as_ref().and_then(|k| input.ledger.owned.get(k));
         let members = &group_members[&group_norm];
-        decision.member = match (&member_value, members) {
-            (Some(m), Ok(set)) => Some(set.contains(&member_key(m, attr))),
+        decision.member = match (mkey, members) {
+            (Some(m), Ok(set)) => Some(set.contains(m)),
             _ => None,
         };
 
@@ -545,8 +559,12 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
 
     // Revocations of owned memberships that nothing keeps any more.
     let mut revokes: Vec<Change> = Vec::new();
+    let mut owned_group_norm: HashMap<&str, String> = HashMap::new();
     for (key, o) in &input.ledger.owned {
-        let group_norm = dn::normalize(&o.group);
+        let group_norm = owned_group_norm
+            .entry(o.group.as_str())
+            .or_insert_with(|| dn::normalize(&o.group))
+            .clone();
         if !group_profiles.contains_key(&group_norm) {
             out.notes.push(format!(
                 "{} in {} was granted by coursegate, but the group is no longer configured: left alone",

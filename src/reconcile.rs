@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 
 use crate::audit::{AuditLog, Event, Record};
 use crate::config::Config;
-use crate::directory::{Directory, MAX_VALUES_PER_MODIFY, MemberChange};
+use crate::directory::{Directory, MemberChange};
 use crate::lms::platform::Platform;
 use crate::lms::{CourseFacts, CourseSource, Query, normalize_name};
 use crate::notify::Notifier;
@@ -238,6 +238,9 @@ async fn observe_scoped(
     })
 }
 
+/// How often a long run checkpoints the ledger while it works through its batches.
+const LEDGER_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// From this many users to look up, members of the configured groups are first resolved through
 /// `memberOf`, one search per group ([`Directory::members_by_member_of`]); below it, the batched
 /// lookups are cheaper.
@@ -413,8 +416,11 @@ pub async fn apply_plan(
         }
     }
 
+    let mut last_save = std::time::Instant::now();
+    let mut unsaved = false;
+    let per_modify = dir.values_per_modify();
     for ((group, action), changes) in batches {
-        for chunk in changes.chunks(MAX_VALUES_PER_MODIFY) {
+        for chunk in changes.chunks(per_modify) {
             let events = chunk.iter().map(|c| change_event(c)).collect();
             let seqs = audit.append(events)?;
             let values: Vec<String> = chunk.iter().map(|c| c.member.clone()).collect();
@@ -463,8 +469,19 @@ pub async fn apply_plan(
                 "directory batch done"
             );
             ledger.applied_seq = audit.last_seq();
-            store.save_ledger(ledger)?;
+            unsaved = true;
+            // The ledger is a checkpoint of the audit log: saving it after every batch would
+            // rewrite it O(batches) times (quadratic on a first run). Recovery replays whatever
+            // a crash leaves after the last checkpoint.
+            if last_save.elapsed() >= LEDGER_CHECKPOINT_EVERY {
+                store.save_ledger(ledger)?;
+                last_save = std::time::Instant::now();
+                unsaved = false;
+            }
         }
+    }
+    if unsaved {
+        store.save_ledger(ledger)?;
     }
 
     // Ledger bookkeeping that changes nothing in the directory.
@@ -714,17 +731,28 @@ pub async fn apply(config: &Config, options: ApplyOptions) -> Result<RunReport> 
     let mut audit = AuditLog::open(&config.daemon.audit_log, &store.anchor_path())?;
     let notifier = Notifier::open(config, store.dir())?;
     let mut dir = connect(config).await?;
+    let profiles: Vec<&String> = config.access.keys().collect();
+    let mut caches = Caches {
+        orders: store.load_order_cache(&profiles),
+        ..Caches::default()
+    };
+    let before = caches.orders.clone();
     let report = pass(
         config,
         &store,
         &mut audit,
         &mut dir,
-        &mut Caches::default(),
+        &mut caches,
         options,
         notifier.as_ref(),
     )
     .await;
     dir.close().await;
+    if caches.orders != before
+        && let Err(e) = store.save_order_cache(&profiles, &caches.orders)
+    {
+        tracing::warn!("cannot save the order parse cache (the next run reads every file): {e}");
+    }
     let mut report = report?;
     if let Some(n) = &notifier {
         // One delivery round; whatever a peer refuses stays in the outbox for the next run or

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::MemberAttribute;
 use crate::directory::dn;
-use crate::order::Order;
+use crate::order::{Order, ParseCache};
 use crate::orderers::Acceptances;
 
 #[derive(Debug, thiserror::Error)]
@@ -185,13 +185,58 @@ impl FileStore {
 
     fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
         let path = self.dir.join(name);
-        let bytes = serde_json::to_vec_pretty(value).map_err(|e| StateError::Corrupt {
+        // Compact: the ledger of a large region is tens of megabytes, read at every run.
+        let bytes = serde_json::to_vec(value).map_err(|e| StateError::Corrupt {
             path: path.clone(),
             message: e.to_string(),
         })?;
         write_atomic(&path, &bytes)
     }
 }
+
+/// The order parse cache as kept between runs, valid for one set of profile names.
+#[derive(Serialize, Deserialize)]
+struct SavedParses {
+    profiles: Vec<String>,
+    files: ParseCache,
+}
+
+impl FileStore {
+    /// The parse results of order files as the last run left them, so that a one-shot run
+    /// reads only files that changed since. Anything unreadable (or made for other profiles)
+    /// is an empty cache: the cache only saves time, it never decides anything.
+    pub fn load_order_cache(&self, profiles: &[&String]) -> ParseCache {
+        match self.load::<SavedParses>(ORDER_CACHE) {
+            Ok(Some(saved)) if saved.profiles.iter().eq(profiles.iter().copied()) => saved.files,
+            Ok(_) => ParseCache::default(),
+            Err(e) => {
+                tracing::warn!("ignoring the order parse cache: {e}");
+                ParseCache::default()
+            }
+        }
+    }
+
+    /// Saves `cache` (its settled entries) for the next run.
+    pub fn save_order_cache(
+        &self,
+        profiles: &[&String],
+        cache: &ParseCache,
+    ) -> Result<(), StateError> {
+        let files = cache.settled(
+            std::time::SystemTime::now(),
+            std::time::Duration::from_secs(2),
+        );
+        self.save(
+            ORDER_CACHE,
+            &SavedParses {
+                profiles: profiles.iter().map(|p| (*p).clone()).collect(),
+                files,
+            },
+        )
+    }
+}
+
+const ORDER_CACHE: &str = "order-cache.json";
 
 impl StateStore for FileStore {
     fn load_ledger(&self) -> Result<Option<Ledger>, StateError> {
