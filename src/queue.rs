@@ -300,6 +300,24 @@ async fn consume(
                         .await
                         .map_err(|e| format!("dead-letter publish: {e}"))?;
                 }
+                if config.notify.is_some() || config.ticket.is_some() {
+                    // Told to the orderer by the next reconcile pass (crate::notify). Written
+                    // before the message is terminated: a crash in between redelivers it, and
+                    // the same sequence number names the same file.
+                    let seq = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    let record = crate::notify::Rejected::new(
+                        seq,
+                        message.subject.as_str(),
+                        &message.payload,
+                        &why,
+                    );
+                    match record.save(&config.daemon.state_dir) {
+                        Ok(()) => shared.pass_wanted.notify_one(),
+                        Err(e) => tracing::warn!(
+                            "cannot keep the rejected message for the orderer's notification: {e}"
+                        ),
+                    }
+                }
                 message
                     .ack_with(AckKind::Term)
                     .await

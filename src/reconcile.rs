@@ -49,9 +49,17 @@ pub struct Caches {
     users: HashMap<String, UserLookup>,
     courses: Option<(Option<FileStamp>, CourseFacts)>,
     platform: Option<Platform>,
+    /// The ledger as the last successful pass left it (and saved it): the daemon holds the
+    /// state lock, so nobody else changes it, and it need not be read back every pass.
+    ledger: Option<Ledger>,
 }
 
 impl Caches {
+    /// Keeps the ledger a successful pass ended with, for the next pass.
+    pub fn keep_ledger(&mut self, ledger: Ledger) {
+        self.ledger = Some(ledger);
+    }
+
     /// Forgets everything (a config reload: the platform itself may have changed).
     pub fn clear(&mut self) {
         *self = Caches::default();
@@ -790,17 +798,21 @@ pub async fn pass(
     let now = Utc::now();
     let operations_before = dir.operations();
     let clock = std::time::Instant::now();
-    let mut ledger = store.load_ledger()?.unwrap_or_default();
+    // Taken, not borrowed: a pass that fails leaves no ledger behind, and the next one reads
+    // the saved one.
+    let mut ledger = match caches.ledger.take() {
+        Some(ledger) => ledger,
+        None => store.load_ledger()?.unwrap_or_default(),
+    };
     let recovered = recover(config, store, audit, dir, &mut ledger, now).await?;
     let last_good_before = store.load_last_good()?;
     tracing::debug!(ms = clock.elapsed().as_millis(), "state loaded");
-    let mut observed =
-        observe_cached(config, &last_good_before, dir, ledger.clone(), now, caches).await?;
+    let mut observed = observe_cached(config, &last_good_before, dir, ledger, now, caches).await?;
     observed.gates = crate::orderers::check(
         config,
         store,
         &observed.scan.orders,
-        &ledger,
+        &observed.ledger,
         dir,
         now,
         true,
@@ -813,7 +825,9 @@ pub async fn pass(
     tracing::debug!(ms = clock.elapsed().as_millis(), "last-good saved");
     let plan = decide(config, &observed, now, options.allow_revocations);
     tracing::debug!(ms = clock.elapsed().as_millis(), "decided");
-    let applied = apply_plan(config, store, audit, dir, &mut ledger, &plan, now).await?;
+    // One ledger: the plan is made from it, then the run updates it in place (the report and
+    // the notifications see the ledger as the run left it).
+    let applied = apply_plan(config, store, audit, dir, &mut observed.ledger, &plan, now).await?;
     tracing::debug!(ms = clock.elapsed().as_millis(), "applied");
     if let Some(n) = notifier {
         let granted_now = applied
@@ -830,7 +844,7 @@ pub async fn pass(
                 &observed.gates,
                 &plan,
                 &granted_now,
-                &ledger,
+                &observed.ledger,
                 now,
             )
             .await

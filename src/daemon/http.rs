@@ -19,6 +19,9 @@ pub struct Shared {
     pub not_ready: Mutex<Option<String>>,
     /// `None` when the order queue (if any) is consumed, else why not.
     pub queue_problem: Mutex<Option<String>>,
+    /// Asks the daemon loop for a pass soon (the queue rejected a message whose orderer is to
+    /// be told; no file in the order directory changed).
+    pub pass_wanted: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -27,6 +30,7 @@ impl Shared {
             metrics: Metrics::new(),
             not_ready: Mutex::new(Some("starting: no reconcile yet".to_string())),
             queue_problem: Mutex::new(None),
+            pass_wanted: tokio::sync::Notify::new(),
         }
     }
 

@@ -209,6 +209,11 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
                     }
                 }
             }
+            () = d.shared.pass_wanted.notified() => {
+                let now = Instant::now();
+                let first = *first_event.get_or_insert(now);
+                due = Some((now + DEBOUNCE).min(first + MAX_DEBOUNCE));
+            }
             _ = tokio::time::sleep_until(wake) => {}
         }
 
@@ -420,7 +425,7 @@ impl Daemon {
         let seconds = started.elapsed().as_secs_f64();
         let now = Instant::now();
         match result {
-            Ok(report) => {
+            Ok(mut report) => {
                 self.shared.metrics.record_pass(&report, seconds);
                 let directory_trouble = report
                     .observed
@@ -451,6 +456,10 @@ impl Daemon {
                 self.schedule_retries(&report, now);
                 self.publish_status(&report, why_not.as_deref());
                 let summary = summary(&report);
+                if report.applied.failed.is_empty() {
+                    self.caches
+                        .keep_ledger(std::mem::take(&mut report.observed.ledger));
+                }
                 if !self.ready_sent {
                     notify(&[NotifyState::Ready, NotifyState::Status(&summary)]);
                     self.ready_sent = true;

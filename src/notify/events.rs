@@ -174,6 +174,25 @@ pub struct InvalidHints {
     pub user: Option<String>,
 }
 
+/// The `invalid` event for a message the order queue rejected.
+pub fn rejected_event(r: &crate::notify::Rejected, now: DateTime<Utc>) -> Event {
+    Event {
+        kind: EventKind::Invalid,
+        key: format!("invalid|queue|{}|{}", r.subject, r.seq),
+        order: r.id.clone(),
+        file: Some(format!("queue message #{} on {}", r.seq, r.subject)),
+        user: r.user.clone(),
+        ordered_by: r.ordered_by.clone(),
+        ticket: r.ticket.clone(),
+        access: Vec::new(),
+        courses: Vec::new(),
+        at: now,
+        valid_until: None,
+        reason: Some(r.error.clone()),
+        cause: None,
+    }
+}
+
 /// Everything derivation looks at.
 pub struct DeriveInput<'a> {
     pub config: &'a Config,

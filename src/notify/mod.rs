@@ -129,9 +129,10 @@ impl Notifier {
         now: DateTime<Utc>,
     ) -> Result<usize> {
         let hints = invalid_hints(&config.daemon.desired_dir, scan);
+        let rejected = Rejected::load_all(&config.daemon.state_dir);
         let events = {
             let outbox = self.outbox.lock().await;
-            events::derive(&DeriveInput {
+            let mut events = events::derive(&DeriveInput {
                 config,
                 scan,
                 gates,
@@ -141,9 +142,17 @@ impl Notifier {
                 history: outbox.history(),
                 invalid_hints: &hints,
                 now,
-            })
+            });
+            events.extend(
+                rejected
+                    .iter()
+                    .map(|(_, r)| events::rejected_event(r, now))
+                    .filter(|e| !outbox.history().keys.contains(&e.key)),
+            );
+            events
         };
         if events.is_empty() {
+            forget_rejected(&rejected);
             return Ok(0);
         }
 
@@ -162,7 +171,12 @@ impl Notifier {
             let mut for_event = Vec::new();
             if self.mailer.is_some() {
                 let orderer = event.ordered_by.clone().unwrap_or_default();
-                let (to, undeliverable) = match addresses.get(&orderer) {
+                let lookup = if orderer.is_empty() {
+                    Some(&UserLookup::NotFound)
+                } else {
+                    addresses.get(&orderer)
+                };
+                let (to, undeliverable) = match lookup {
                     Some(UserLookup::Found {
                         mail: Some(mail), ..
                     }) => (Some(mail.clone()), None),
@@ -220,6 +234,9 @@ impl Notifier {
         if added > 0 {
             tracing::info!(messages = added, "notifications queued in the outbox");
             self.wake.notify_one();
+        }
+        if deferred == 0 {
+            forget_rejected(&rejected);
         }
         Ok(added)
     }
@@ -385,6 +402,108 @@ fn retry_delay(attempts: u32) -> Duration {
     base + base.mul_f64(f64::from(nanos % 1000) / 4000.0)
 }
 
+/// Removes rejected-message records whose events are in the outbox.
+fn forget_rejected(rejected: &[(std::path::PathBuf, Rejected)]) {
+    for (path, _) in rejected {
+        if let Err(e) = std::fs::remove_file(path) {
+            tracing::warn!(file = %path.display(), "cannot remove a handled rejected-message record: {e}");
+        }
+    }
+}
+
+/// An invalid message from the order queue, kept in `state_dir/rejected/` until the next pass
+/// has told the orderer (the queue consumer cannot look the orderer up itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Rejected {
+    /// The message's stream sequence number: it names the message.
+    pub seq: u64,
+    pub subject: String,
+    pub error: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ordered_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+const REJECTED_DIR: &str = "rejected";
+
+impl Rejected {
+    /// What can be read of an invalid message's payload.
+    pub fn new(seq: u64, subject: &str, payload: &[u8], error: &str) -> Rejected {
+        let value: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
+        let hints = value.map(|v| hints_of(&v)).unwrap_or_default();
+        Rejected {
+            seq,
+            subject: subject.to_string(),
+            error: error.to_string(),
+            id: hints.id,
+            ordered_by: hints.ordered_by,
+            ticket: hints.ticket,
+            user: hints.user,
+        }
+    }
+
+    /// Keeps the record (atomically) if it names an orderer or a ticket; else there is no one
+    /// to tell.
+    pub fn save(&self, state_dir: &Path) -> std::result::Result<(), crate::state::StateError> {
+        if self.ordered_by.is_none() && self.ticket.is_none() {
+            return Ok(());
+        }
+        let dir = state_dir.join(REJECTED_DIR);
+        std::fs::create_dir_all(&dir).map_err(|source| crate::state::StateError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        crate::state::write_atomic(&dir.join(format!("{}.json", self.seq)), &bytes)
+    }
+
+    /// Every kept record, with its file.
+    fn load_all(state_dir: &Path) -> Vec<(std::path::PathBuf, Rejected)> {
+        let Ok(entries) = std::fs::read_dir(state_dir.join(REJECTED_DIR)) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Rejected>(&b).ok())
+            {
+                Some(r) => out.push((path, r)),
+                None => {
+                    tracing::warn!(file = %path.display(), "unreadable rejected-message record, ignored")
+                }
+            }
+        }
+        out.sort_by_key(|(_, r)| r.seq);
+        out
+    }
+}
+
+fn hints_of(value: &serde_json::Value) -> InvalidHints {
+    let field = |name: &str| {
+        value
+            .get(name)
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty() && !s.chars().any(char::is_control))
+            .map(str::to_string)
+    };
+    InvalidHints {
+        id: field("id"),
+        ordered_by: field("ordered_by"),
+        ticket: field("ticket"),
+        user: field("user"),
+    }
+}
+
 /// Reads what can be read of each invalid order file, to find whom to tell.
 fn invalid_hints(desired_dir: &Path, scan: &Scan) -> HashMap<String, InvalidHints> {
     let mut out = HashMap::new();
@@ -420,22 +539,7 @@ fn invalid_hints(desired_dir: &Path, scan: &Scan) -> HashMap<String, InvalidHint
                 .and_then(|t| serde_json::to_value(t).ok())
         };
         let Some(value) = value else { continue };
-        let field = |name: &str| {
-            value
-                .get(name)
-                .and_then(|v| v.as_str())
-                .filter(|s| !s.is_empty() && !s.chars().any(char::is_control))
-                .map(str::to_string)
-        };
-        out.insert(
-            bad.file.clone(),
-            InvalidHints {
-                id: field("id"),
-                ordered_by: field("ordered_by"),
-                ticket: field("ticket"),
-                user: field("user"),
-            },
-        );
+        out.insert(bad.file.clone(), hints_of(&value));
     }
     out
 }

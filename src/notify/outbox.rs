@@ -104,6 +104,22 @@ pub enum Delivery {
     },
 }
 
+impl Delivery {
+    /// Where a message stands when it is enqueued.
+    fn new(message: &Message) -> Delivery {
+        match &message.undeliverable {
+            Some(reason) => Delivery::Undeliverable {
+                reason: reason.clone(),
+            },
+            None => Delivery::Pending {
+                attempts: 0,
+                last_error: None,
+                next_try: None,
+            },
+        }
+    }
+}
+
 /// A message and where it stands.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -164,16 +180,7 @@ impl Outbox {
                 Ok(Line::Enqueue(message)) => {
                     let message = *message;
                     history.record(&message.event);
-                    let delivery = match &message.undeliverable {
-                        Some(reason) => Delivery::Undeliverable {
-                            reason: reason.clone(),
-                        },
-                        None => Delivery::Pending {
-                            attempts: 0,
-                            last_error: None,
-                            next_try: None,
-                        },
-                    };
+                    let delivery = Delivery::new(&message);
                     if !entries.contains_key(&message.id) {
                         order.push(message.id.clone());
                     }
@@ -278,16 +285,7 @@ impl Outbox {
         let count = fresh.len();
         for m in fresh {
             self.history.record(&m.event);
-            let delivery = match &m.undeliverable {
-                Some(reason) => Delivery::Undeliverable {
-                    reason: reason.clone(),
-                },
-                None => Delivery::Pending {
-                    attempts: 0,
-                    last_error: None,
-                    next_try: None,
-                },
-            };
+            let delivery = Delivery::new(&m);
             self.order.push(m.id.clone());
             self.entries.insert(
                 m.id.clone(),

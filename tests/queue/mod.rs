@@ -406,3 +406,46 @@ fn broker_restart_mid_run_then_the_backlog_is_consumed() {
     d.wait_for("ready again", |d| d.http("/readyz").0 == 200);
     assert_eq!(d.terminate(), Some(0));
 }
+
+#[test]
+fn an_invalid_message_is_told_to_its_orderer_by_mail() {
+    let n = names();
+    let (w, port) = queue_world(&n, NATS);
+    let sink = crate::notify::SmtpSink::start(w.dir.path());
+    let mut config = std::fs::read_to_string(&w.config).unwrap();
+    config.push_str(&format!(
+        "\n[notify]\nsmtp_url = \"{}\"\nfrom = \"coursegate@example.org\"\nlanguage = \"en\"\n",
+        sink.url()
+    ));
+    std::fs::write(&w.config, config).unwrap();
+    w.slapd.add_user("karin.chef", "Karin Chef");
+    let mut d = Running::spawn(&w, port);
+    d.wait_for("ready with the queue consumed", |d| {
+        d.http("/readyz").0 == 200
+    });
+
+    publish(
+        &n,
+        &[r#"{"id":"Q-9","user":"anna","access":["ris"],"ordered_by":"karin.chef","ticket":"EASIT-9"}"#
+            .to_string()],
+    );
+    let m = sink.wait_for(1);
+    assert_eq!(m[0]["rcpt_tos"][0], "karin.chef@example.org");
+    let subject = m[0]["subject"].as_str().unwrap();
+    assert!(
+        subject.starts_with("The order Q-9 could not be read (queue message #"),
+        "{subject}"
+    );
+    let body = m[0]["body"].as_str().unwrap();
+    assert!(body.contains("not an access profile"), "{body}");
+    assert!(body.contains("Ticket: EASIT-9"), "{body}");
+    // Handled: the record is gone, and nothing is sent twice.
+    d.wait_for("the rejected record removed", |_| {
+        std::fs::read_dir(w.path("state/rejected"))
+            .map(|mut e| e.next().is_none())
+            .unwrap_or(true)
+    });
+    assert_eq!(d.terminate(), Some(0));
+    assert_eq!(sink.messages().len(), 1);
+    delete_stream(&n);
+}
