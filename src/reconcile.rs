@@ -892,7 +892,13 @@ async fn dry_run_scoped(
     let mut dir = connect(config).await?;
     let now = Utc::now();
     let last_good = store.load_last_good()?;
-    let mut caches = Caches::default();
+    // The parse results the last `apply` kept: `plan`, `explain` and `status` read only the
+    // order files that changed since (they never write the cache).
+    let profiles: Vec<&String> = config.access.keys().collect();
+    let mut caches = Caches {
+        orders: store.load_order_cache(&profiles),
+        ..Caches::default()
+    };
     let mut observed = observe_scoped(
         config,
         &last_good,

@@ -365,6 +365,46 @@ mod tests {
     }
 
     #[test]
+    fn order_cache_keeps_settled_files_for_the_same_profiles_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let desired = dir.path().join("desired");
+        std::fs::create_dir(&desired).unwrap();
+        for id in ["O1", "O2"] {
+            std::fs::write(
+                desired.join(format!("{id}.toml")),
+                format!("id = \"{id}\"\nuser = \"anna\"\naccess = [\"wim\"]\nordered_by = \"k\"\n"),
+            )
+            .unwrap();
+        }
+        let mut cache = ParseCache::default();
+        let is_profile = |p: &str| p == "wim";
+        crate::order::scan_cached(&desired, &is_profile, &BTreeMap::new(), &mut cache).unwrap();
+        let now = std::time::SystemTime::now();
+        let settle = std::time::Duration::from_secs(2);
+        // Files written just now are not trusted by a later run (their stamp could repeat);
+        // the same files seen an hour later are.
+        assert_eq!(cache.settled(now, settle), ParseCache::default());
+        let later = now + std::time::Duration::from_secs(3600);
+        assert_eq!(cache.settled(later, settle), cache);
+
+        let store = FileStore::open(&dir.path().join("state")).unwrap();
+        let wim = "wim".to_string();
+        store.save_order_cache(&[&wim], &cache).unwrap();
+        assert_eq!(store.load_order_cache(&[&wim]), ParseCache::default());
+        std::fs::write(
+            dir.path().join("state/order-cache.json"),
+            serde_json::to_vec(&serde_json::json!({"profiles": ["wim"], "files": cache})).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(store.load_order_cache(&[&wim]), cache);
+        // A cache made for other profiles is not used, and garbage is an empty cache.
+        let pacs = "pacs".to_string();
+        assert_eq!(store.load_order_cache(&[&pacs]), ParseCache::default());
+        std::fs::write(dir.path().join("state/order-cache.json"), "{oops").unwrap();
+        assert_eq!(store.load_order_cache(&[&wim]), ParseCache::default());
+    }
+
+    #[test]
     fn second_lock_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = FileStore::open(dir.path()).unwrap();
