@@ -330,13 +330,6 @@ impl Ticket {
             Ticket::Easit { timeout, .. } | Ticket::Webhook { timeout, .. } => *timeout,
         }
     }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Ticket::Easit { .. } => "easit",
-            Ticket::Webhook { .. } => "webhook",
-        }
-    }
 }
 
 #[derive(Deserialize)]

@@ -547,12 +547,26 @@ pub fn scan(
 /// Parse results of unchanged files, so a long-running process re-reads only what changed.
 /// A file counts as unchanged while its size, modification time, change time and inode are
 /// the same. The cache is only valid for one set of profiles: clear it when the config changes.
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct ParseCache {
     entries: BTreeMap<String, (FileStamp, Result<Order, String>)>,
+    /// Whether a scan added, replaced or dropped an entry since the cache was made or loaded.
+    #[serde(skip)]
+    changed: bool,
+}
+
+impl PartialEq for ParseCache {
+    fn eq(&self, other: &ParseCache) -> bool {
+        self.entries == other.entries
+    }
 }
 
 impl ParseCache {
+    /// Whether a scan changed the cache (so that saving it is worth it).
+    pub fn changed(&self) -> bool {
+        self.changed
+    }
+
     pub fn clear(&mut self) {
         self.entries.clear();
     }
@@ -573,6 +587,7 @@ impl ParseCache {
                 .filter(|(_, (stamp, _))| stamp.mtime_ns < limit && stamp.ctime_ns < limit)
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect(),
+            changed: false,
         }
     }
 }
@@ -635,6 +650,7 @@ pub fn scan_cached(
                 let result = load_file(&path, is_profile);
                 if let Some(stamp) = stamp {
                     cache.entries.insert(name.clone(), (stamp, result.clone()));
+                    cache.changed = true;
                 }
                 result
             }
@@ -642,9 +658,11 @@ pub fn scan_cached(
         parsed.push((name, result));
     }
     let present: std::collections::HashSet<&str> = parsed.iter().map(|(n, _)| n.as_str()).collect();
+    let cached = cache.entries.len();
     cache
         .entries
         .retain(|name, _| present.contains(name.as_str()));
+    cache.changed |= cache.entries.len() != cached;
     parsed.sort_by(|a, b| a.0.cmp(&b.0));
 
     let duplicates = duplicate_ids(

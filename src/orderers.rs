@@ -59,7 +59,7 @@ pub async fn check(
     ledger: &Ledger,
     dir: &mut Directory,
     now: DateTime<Utc>,
-    persist: bool,
+    saved: Option<&mut Option<Acceptances>>,
 ) -> Result<HashMap<String, Gate>> {
     let Some(group) = config
         .orders
@@ -68,8 +68,18 @@ pub async fn check(
     else {
         return Ok(HashMap::new());
     };
-    let mut acceptances = store.load_acceptances().map_err(Error::State)?;
-    let before = acceptances.clone();
+    // `saved`: a run that changes things records new acceptances and keeps them between passes
+    // (only it, holding the state lock, writes the file); `None`: a dry run reads the file.
+    let mut scratch = None;
+    let (persist, cached) = match saved {
+        Some(cache) => (true, cache),
+        None => (false, &mut scratch),
+    };
+    let acceptances = match cached {
+        Some(a) => a,
+        None => cached.insert(store.load_acceptances().map_err(Error::State)?),
+    };
+    let mut changed = false;
     let pending: Vec<&LoadedOrder> = orders.iter().filter(|o| !acceptances.holds(o)).collect();
     let mut gates = HashMap::new();
     if pending.is_empty() {
@@ -85,6 +95,7 @@ pub async fn check(
     let mut to_check = Vec::new();
     for o in pending {
         if holding.contains(o.order.id.as_str()) {
+            changed = true;
             acceptances.accepted.insert(
                 o.order.id.clone(),
                 Accepted {
@@ -131,6 +142,7 @@ pub async fn check(
                         account.clone().unwrap_or_else(|| orderer.clone())
                     };
                     if set.contains(&member_key(&value, attr)) {
+                        changed = true;
                         acceptances.accepted.insert(
                             o.order.id.clone(),
                             Accepted {
@@ -166,8 +178,13 @@ pub async fn check(
         }
     }
 
-    if persist && acceptances != before {
-        store.save_acceptances(&acceptances).map_err(Error::State)?;
+    if persist
+        && changed
+        && let Err(e) = store.save_acceptances(acceptances)
+    {
+        // Forget what was not saved: the next pass reads the file and checks again.
+        *cached = None;
+        return Err(Error::State(e));
     }
     Ok(gates)
 }

@@ -49,6 +49,8 @@ pub struct Caches {
     users: HashMap<String, UserLookup>,
     courses: Option<(Option<FileStamp>, CourseFacts)>,
     platform: Option<Platform>,
+    /// Orders accepted by the orderer check, as saved.
+    acceptances: Option<crate::orderers::Acceptances>,
     /// The ledger as the last successful pass left it (and saved it): the daemon holds the
     /// state lock, so nobody else changes it, and it need not be read back every pass.
     ledger: Option<Ledger>,
@@ -744,7 +746,6 @@ pub async fn apply(config: &Config, options: ApplyOptions) -> Result<RunReport> 
         orders: store.load_order_cache(&profiles),
         ..Caches::default()
     };
-    let before = caches.orders.clone();
     let report = pass(
         config,
         &store,
@@ -756,7 +757,7 @@ pub async fn apply(config: &Config, options: ApplyOptions) -> Result<RunReport> 
     )
     .await;
     dir.close().await;
-    if caches.orders != before
+    if caches.orders.changed()
         && let Err(e) = store.save_order_cache(&profiles, &caches.orders)
     {
         tracing::warn!("cannot save the order parse cache (the next run reads every file): {e}");
@@ -815,7 +816,7 @@ pub async fn pass(
         &observed.ledger,
         dir,
         now,
-        true,
+        Some(&mut caches.acceptances),
     )
     .await?;
     tracing::debug!(ms = clock.elapsed().as_millis(), "observed");
@@ -916,7 +917,7 @@ async fn dry_run_scoped(
         &observed.ledger,
         &mut dir,
         now,
-        false,
+        None,
     )
     .await?;
     if config.notify.is_some() || config.ticket.is_some() {

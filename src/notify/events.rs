@@ -174,6 +174,14 @@ pub struct InvalidHints {
     pub user: Option<String>,
 }
 
+/// The key of the `invalid` event for a file: one per file and problem.
+pub fn invalid_key(bad: &crate::order::InvalidFile) -> String {
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    sha2::Digest::update(&mut hasher, bad.message.as_bytes());
+    let digest = hex::encode(sha2::Digest::finalize(hasher));
+    format!("invalid|{}|{}", bad.file, &digest[..16])
+}
+
 /// The `invalid` event for a message the order queue rejected.
 pub fn rejected_event(r: &crate::notify::Rejected, now: DateTime<Utc>) -> Event {
     Event {
@@ -461,10 +469,7 @@ pub fn derive(input: &DeriveInput<'_>) -> Vec<Event> {
             .get(&bad.file)
             .cloned()
             .unwrap_or_default();
-        let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-        sha2::Digest::update(&mut hasher, bad.message.as_bytes());
-        let digest = hex::encode(sha2::Digest::finalize(hasher));
-        let key = format!("invalid|{}|{}", bad.file, &digest[..16]);
+        let key = invalid_key(bad);
         if history.keys.contains(&key) || hints.ordered_by.is_none() {
             continue;
         }

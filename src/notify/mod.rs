@@ -53,7 +53,7 @@ pub struct Round {
 }
 
 /// The outbox at a glance, for `status` and the daemon's published status.
-#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct Summary {
     pub pending: usize,
     pub delivered: usize,
@@ -128,10 +128,13 @@ impl Notifier {
         ledger: &Ledger,
         now: DateTime<Utc>,
     ) -> Result<usize> {
-        let hints = invalid_hints(&config.daemon.desired_dir, scan);
         let rejected = Rejected::load_all(&config.daemon.state_dir);
         let events = {
             let outbox = self.outbox.lock().await;
+            // Only files whose problem nobody was told about yet are read again.
+            let hints = invalid_hints(&config.daemon.desired_dir, scan, |bad| {
+                !outbox.history().keys.contains(&events::invalid_key(bad))
+            });
             let mut events = events::derive(&DeriveInput {
                 config,
                 scan,
@@ -171,26 +174,24 @@ impl Notifier {
             let mut for_event = Vec::new();
             if self.mailer.is_some() {
                 let orderer = event.ordered_by.clone().unwrap_or_default();
-                let lookup = if orderer.is_empty() {
-                    Some(&UserLookup::NotFound)
-                } else {
-                    addresses.get(&orderer)
-                };
+                let lookup = event.ordered_by.as_ref().map(|o| addresses.get(o));
                 let (to, undeliverable) = match lookup {
-                    Some(UserLookup::Found {
+                    // A rejected queue message may name a ticket but no orderer.
+                    None => (None, Some("the order names no orderer".to_string())),
+                    Some(Some(UserLookup::Found {
                         mail: Some(mail), ..
-                    }) => (Some(mail.clone()), None),
-                    Some(UserLookup::Found { mail: None, .. }) => (
+                    })) => (Some(mail.clone()), None),
+                    Some(Some(UserLookup::Found { mail: None, .. })) => (
                         None,
                         Some(format!("the orderer {orderer} has no mail attribute")),
                     ),
-                    Some(UserLookup::NotFound) => (
+                    Some(Some(UserLookup::NotFound)) => (
                         None,
                         Some(format!("the orderer {orderer} has no directory entry")),
                     ),
                     // Unknown for now: the whole event waits for the next pass, so that its
                     // channels stay together and the mail is not lost.
-                    Some(UserLookup::Failed { .. } | UserLookup::Ambiguous { .. }) | None => {
+                    Some(Some(UserLookup::Failed { .. } | UserLookup::Ambiguous { .. }) | None) => {
                         deferred += 1;
                         continue;
                     }
@@ -334,11 +335,6 @@ impl Notifier {
         }
     }
 
-    /// Every message about `order`.
-    pub async fn order_notes(&self, order: &str) -> Vec<OrderNote> {
-        notes(&*self.outbox.lock().await, order)
-    }
-
     /// The outbox for `explain` and `status`.
     pub async fn view(&self) -> View {
         View::of(&*self.outbox.lock().await)
@@ -382,11 +378,6 @@ fn note(e: &outbox::Entry) -> OrderNote {
         to: e.message.to.clone(),
         delivery: e.delivery.clone(),
     }
-}
-
-/// Every message about `order` in `outbox`.
-pub fn notes(outbox: &Outbox, order: &str) -> Vec<OrderNote> {
-    outbox.for_order(order).into_iter().map(note).collect()
 }
 
 /// How long to wait after the `attempts`-th failure: doubling from [`FIRST_RETRY`] to
@@ -505,9 +496,13 @@ fn hints_of(value: &serde_json::Value) -> InvalidHints {
 }
 
 /// Reads what can be read of each invalid order file, to find whom to tell.
-fn invalid_hints(desired_dir: &Path, scan: &Scan) -> HashMap<String, InvalidHints> {
+fn invalid_hints(
+    desired_dir: &Path,
+    scan: &Scan,
+    wanted: impl Fn(&crate::order::InvalidFile) -> bool,
+) -> HashMap<String, InvalidHints> {
     let mut out = HashMap::new();
-    for bad in &scan.invalid {
+    for bad in scan.invalid.iter().filter(|b| wanted(b)) {
         // A file whose last valid version is in effect: that version names the orderer.
         if let Some(o) = scan.orders.iter().find(|o| o.file == bad.file) {
             out.insert(

@@ -248,18 +248,9 @@ impl Outbox {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// What derivation needs to know about everything enqueued so far.
     pub fn history(&self) -> &History {
         &self.history
-    }
-
-    /// Whether a message with this id was ever enqueued.
-    pub fn contains(&self, id: &str) -> bool {
-        self.entries.contains_key(id)
     }
 
     /// Appends new messages (ids already present are skipped) with one fsync.
@@ -398,15 +389,6 @@ impl Outbox {
     /// Every message, in enqueue order.
     pub fn entries(&self) -> impl Iterator<Item = &Entry> {
         self.order.iter().filter_map(|id| self.entries.get(id))
-    }
-
-    /// Every message about `order`, in enqueue order.
-    pub fn for_order(&self, order: &str) -> Vec<&Entry> {
-        self.order
-            .iter()
-            .filter_map(|id| self.entries.get(id))
-            .filter(|e| e.message.event.order.as_deref() == Some(order))
-            .collect()
     }
 
     /// Counts by state: (pending, delivered, undeliverable).
