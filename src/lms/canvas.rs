@@ -25,10 +25,9 @@ use serde_json::Value;
 use tokio::sync::OnceCell;
 
 use super::Query;
-use super::http::{Cause, Failure, MAX_PAGES, Pass, endpoint, next_link};
+use super::http::{Cause, Failure, MAX_PAGES, Pass, endpoint, fail_every, next_link};
 use super::platform::{Answer, NotPassed};
 use crate::audit::PlatformRef;
-use crate::config::HttpSecret;
 
 /// Items per page asked of Canvas's listings (its usual maximum).
 const PER_PAGE: &str = "100";
@@ -51,14 +50,10 @@ impl Canvas {
         pass: &Pass<'_>,
         queries: Vec<Query>,
     ) -> Vec<(Query, Result<Answer, Failure>)> {
-        let HttpSecret::Token(token) = pass.secret() else {
-            let failure = Failure::new(Cause::Secret, "Canvas needs lms.token_file");
-            return queries
-                .into_iter()
-                .map(|q| (q, Err(failure.clone())))
-                .collect();
+        let token = match pass.token("Canvas") {
+            Ok(token) => token,
+            Err(failure) => return fail_every(queries, &failure),
         };
-        let token = token.expose();
         let mut by_course: BTreeMap<String, Vec<Query>> = BTreeMap::new();
         for q in queries {
             by_course
@@ -85,7 +80,7 @@ impl Canvas {
                 }
                 Err(failure) => {
                     pass.trip(&failure);
-                    answered.extend(queries.into_iter().map(|q| (q, Err(failure.clone()))));
+                    answered.extend(fail_every(queries, &failure));
                 }
             }
         }

@@ -172,6 +172,17 @@ pub fn endpoint(base: &Url, segments: &[&str]) -> Url {
     url
 }
 
+/// The same failure as the answer to every query.
+pub fn fail_every(
+    queries: Vec<super::Query>,
+    failure: &Failure,
+) -> Vec<(super::Query, Result<super::platform::Answer, Failure>)> {
+    queries
+        .into_iter()
+        .map(|q| (q, Err(failure.clone())))
+        .collect()
+}
+
 // === impl Pass ===
 
 /// One pass of requests to a platform: counts them, runs lookups at most `concurrency` at a
@@ -218,6 +229,17 @@ impl<'a> Pass<'a> {
 
     pub fn secret(&self) -> &HttpSecret {
         self.secret
+    }
+
+    /// The bearer token, or the failure that every query of a `platform` that needs one gets.
+    pub fn token(&self, platform: &str) -> Result<&str, Failure> {
+        match self.secret {
+            HttpSecret::Token(token) => Ok(token.expose()),
+            _ => Err(Failure::new(
+                Cause::Secret,
+                format!("{platform} needs lms.token_file"),
+            )),
+        }
     }
 
     pub fn concurrency(&self) -> usize {

@@ -23,10 +23,9 @@ use reqwest::Url;
 use serde_json::Value;
 
 use super::Query;
-use super::http::{Cause, Failure, Pass, endpoint};
+use super::http::{Cause, Failure, Pass, endpoint, fail_every};
 use super::platform::{Answer, NotPassed};
 use crate::audit::PlatformRef;
-use crate::config::HttpSecret;
 
 /// Usernames resolved per `core_user_get_users_by_field` call.
 pub const USERS_PER_REQUEST: usize = 50;
@@ -47,14 +46,10 @@ impl Moodle {
         pass: &Pass<'_>,
         queries: Vec<Query>,
     ) -> Vec<(Query, Result<Answer, Failure>)> {
-        let HttpSecret::Token(token) = pass.secret() else {
-            let failure = Failure::new(Cause::Secret, "Moodle needs lms.token_file");
-            return queries
-                .into_iter()
-                .map(|q| (q, Err(failure.clone())))
-                .collect();
+        let token = match pass.token("Moodle") {
+            Ok(token) => token,
+            Err(failure) => return fail_every(queries, &failure),
         };
-        let token = token.expose();
         let url = endpoint(pass.base(), &["webservice", "rest", "server.php"]);
 
         let mut logins: Vec<String> = queries.iter().map(|q| username(&q.login)).collect();

@@ -185,11 +185,11 @@ impl Platform {
                     ))
                 ),
             );
-            (every(stale, &failure), 0, true)
+            (super::http::fail_every(stale, &failure), 0, true)
         } else {
             match self.settings.credentials.read() {
                 Err(e) => (
-                    every(stale, &Failure::new(Cause::Secret, e.to_string())),
+                    super::http::fail_every(stale, &Failure::new(Cause::Secret, e.to_string())),
                     0,
                     true,
                 ),
@@ -273,13 +273,6 @@ impl Platform {
             Answer::NotPassed(_) => CourseResult::NotPassed,
         }
     }
-}
-
-fn every(queries: Vec<Query>, failure: &Failure) -> Vec<(Query, Result<Answer, Failure>)> {
-    queries
-        .into_iter()
-        .map(|q| (q, Err(failure.clone())))
-        .collect()
 }
 
 /// Whether a cached answer may be used for a pair (module docs): a pass a granted membership
