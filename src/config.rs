@@ -589,10 +589,14 @@ impl Config {
             path: path.to_path_buf(),
             message: e.to_string().trim_end().to_string(),
         })?;
+        // Absolute, so that what the daemon watches compares equal to the paths its file
+        // events carry (a relative `-c coursegate.toml` once made every event look foreign).
         let base = path
             .parent()
+            .filter(|p| !p.as_os_str().is_empty())
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
+        let base = std::path::absolute(&base).unwrap_or(base);
         let invalid = |key: &str, message: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             key: key.to_string(),
@@ -1318,6 +1322,27 @@ courses = ["wim-grund"]
 
     fn load(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(Path::new("/etc/cg/coursegate.toml"), text)
+    }
+
+    #[test]
+    fn a_config_named_relative_to_the_working_directory_gets_absolute_paths() {
+        let cwd = std::env::current_dir().unwrap();
+        for name in [
+            "coursegate.toml",
+            "./coursegate.toml",
+            "etc/coursegate.toml",
+        ] {
+            let c = Config::from_toml(Path::new(name), MINIMAL).unwrap();
+            let base = cwd.join(Path::new(name).parent().unwrap());
+            let base = std::path::absolute(base).unwrap();
+            assert!(
+                c.daemon.desired_dir.is_absolute(),
+                "{name}: {:?}",
+                c.daemon.desired_dir
+            );
+            assert_eq!(c.daemon.desired_dir, base.join("desired"), "{name}");
+            assert_eq!(c.lms.path, Some(base.join("lms/results.csv")), "{name}");
+        }
     }
 
     #[test]
