@@ -51,6 +51,8 @@ pub const USERS_PER_SEARCH: usize = 500;
 pub const MAIL_ATTRIBUTE: &str = "mail";
 
 // LDAP result codes (RFC 4511 appendix A) that the adapter handles.
+const RC_COMPARE_FALSE: u32 = 5;
+const RC_COMPARE_TRUE: u32 = 6;
 const RC_STRONGER_AUTH_REQUIRED: u32 = 8;
 const RC_ADMIN_LIMIT_EXCEEDED: u32 = 11;
 const RC_NO_SUCH_ATTRIBUTE: u32 = 16;
@@ -377,7 +379,7 @@ impl Directory {
         ];
         self.operations += 1;
         let mut stream = self
-            .ldap
+            .timed()
             .streaming_search_with(adapters, base, scope, filter, attrs)
             .await
             .map_err(|e| err(e.to_string()))?;
@@ -491,7 +493,7 @@ impl Directory {
         };
         self.operations += 1;
         let ldap3::SearchResult(entries, result) = self
-            .ldap
+            .timed()
             .search(dn, Scope::Base, "(objectClass=*)", attrs)
             .await
             .map_err(|e| err(e.to_string()))?;
@@ -683,7 +685,7 @@ impl Directory {
             MemberChange::Remove => Mod::Delete(attr, set),
         });
         self.operations += 1;
-        let result = self.ldap.modify(group, mods).await;
+        let result = self.timed().modify(group, mods).await;
         match result {
             Ok(r) => Ok((r.rc, r.text)),
             Err(LdapError::LdapResult { result }) => Ok((result.rc, result.text)),
@@ -694,6 +696,39 @@ impl Directory {
         }
     }
 
+    /// Whether `group` has `value` in its member attribute, asked with one compare operation
+    /// (the server applies the attribute's matching rule: DN or case-insensitive name). For the
+    /// daemon's quick pass, which must not read whole groups for one new order. A group that
+    /// does not exist, or any other answer than true or false, is an error.
+    pub async fn has_member(&mut self, group: &str, value: &str) -> Result<bool, DirectoryError> {
+        let attr = self.cfg.member_attribute.name().to_string();
+        let err = |message: String| DirectoryError::Search {
+            base: group.to_string(),
+            message,
+        };
+        self.operations += 1;
+        let result = self
+            .timed()
+            .compare(group, &attr, value)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        match result.0.rc {
+            RC_COMPARE_TRUE => Ok(true),
+            RC_COMPARE_FALSE => Ok(false),
+            RC_NO_SUCH_OBJECT => Err(DirectoryError::GroupMissing {
+                group: group.to_string(),
+            }),
+            rc => Err(err(format!("compare: result code {rc}: {}", result.0.text))),
+        }
+    }
+
+    /// The connection with the configured timeout armed: ldap3 applies a timeout to the next
+    /// operation only, so every operation goes through here.
+    fn timed(&mut self) -> &mut Ldap {
+        self.ldap.with_timeout(self.cfg.timeout);
+        &mut self.ldap
+    }
+
     /// A cheap liveness probe that works on every server: read the root DSE. (Not WhoAmI:
     /// Samba's AD DC answers that extended operation with "Protocol error".)
     pub async fn probe(&mut self) -> Result<(), DirectoryError> {
@@ -702,7 +737,7 @@ impl Directory {
 
     /// Ends the session politely.
     pub async fn close(mut self) {
-        let _ = self.ldap.unbind().await;
+        let _ = self.timed().unbind().await;
     }
 }
 

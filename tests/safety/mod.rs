@@ -323,6 +323,104 @@ fn frozen_slapd_times_out_and_changes_nothing() {
     assert!(w.members(WIM_GROUP).contains(&anna));
 }
 
+/// An LDAP peer that answers the bind and the first search (the root DSE read at connect) and
+/// then reads requests without ever answering: a server that hangs mid-run.
+fn serve_then_stall(mut stream: std::net::TcpStream) {
+    use std::io::{Read, Write};
+    let mut buffer = Vec::new();
+    let mut answered = 0;
+    let mut chunk = [0u8; 4096];
+    loop {
+        // One whole LDAPMessage: SEQUENCE, BER length, then the messageID INTEGER.
+        while let Some((len, body)) = ber_message(&buffer) {
+            let message: Vec<u8> = buffer.drain(..len).collect();
+            let id = &message[body..];
+            assert_eq!(id[0], 0x02, "messageID");
+            let id = &id[..2 + usize::from(id[1])];
+            let op = match answered {
+                0 => 0x61, // bindResponse
+                1 => 0x65, // searchResDone
+                _ => continue,
+            };
+            answered += 1;
+            let mut reply = vec![0x30, (id.len() + 9) as u8];
+            reply.extend_from_slice(id);
+            reply.extend_from_slice(&[op, 0x07, 0x0a, 0x01, 0x00, 0x04, 0x00, 0x04, 0x00]);
+            if stream.write_all(&reply).is_err() {
+                return;
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The length of the first complete BER SEQUENCE in `buffer` and where its contents start.
+fn ber_message(buffer: &[u8]) -> Option<(usize, usize)> {
+    if buffer.len() < 2 {
+        return None;
+    }
+    assert_eq!(buffer[0], 0x30, "an LDAPMessage is a SEQUENCE");
+    let (len, header) = if buffer[1] < 0x80 {
+        (usize::from(buffer[1]), 2)
+    } else {
+        let n = usize::from(buffer[1] & 0x7f);
+        if buffer.len() < 2 + n {
+            return None;
+        }
+        let len = buffer[2..2 + n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        (len, 2 + n)
+    };
+    (buffer.len() >= header + len).then_some((header + len, header))
+}
+
+#[test]
+fn a_server_that_stops_answering_after_the_bind_times_out() {
+    let w = World::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hung_url = format!("ldap://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || serve_then_stall(stream));
+        }
+    });
+    let config = std::fs::read_to_string(&w.config).unwrap();
+    assert!(config.contains(&w.slapd.url()), "{config}");
+    std::fs::write(
+        &w.config,
+        config.replace(&w.slapd.url(), &hung_url).replace(
+            "member_attribute = \"member\"",
+            "member_attribute = \"member\"\ntimeout = \"1s\"",
+        ),
+    )
+    .unwrap();
+    w.slapd.add_user("anna", "Anna");
+    w.results(&["anna;Wim grundkurs;true;2026-11-01"]);
+    w.simple_order("A", "anna", &["wim"]);
+    let started = Instant::now();
+    let out = w.run(&["apply"]);
+    let took = started.elapsed();
+    assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        took < Duration::from_secs(20),
+        "every operation must time out, not only the bind: took {took:?}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        stderr.contains("timeout") || stderr.contains("timed out"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(
+        w.members(WIM_GROUP),
+        crate::reconcile::set(&[PLACEHOLDER_DN])
+    );
+}
+
 /// A tmpfs of a given size mounted for one test (needs root, as CI has).
 struct Tmpfs(PathBuf);
 
