@@ -12,8 +12,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::lms::CourseFacts;
 use crate::plan::{Action, DecisionKind};
-use crate::reconcile::RunReport;
+use crate::reconcile::{Applied, RunReport};
 
 type Labels = Vec<(String, String)>;
 
@@ -170,21 +171,19 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Records a finished pass.
-    pub fn record_pass(&self, report: &RunReport, seconds: f64) {
-        self.reconcile_duration.observe(seconds);
-        self.reconciles.get_or_create(&label("result", "ok")).inc();
-        for c in &report.applied.granted {
+    /// Counts the changes a pass (or the daemon's quick pass) made and failed to make.
+    pub fn record_applied(&self, applied: &Applied) {
+        for c in &applied.granted {
             self.grants
                 .get_or_create(&label("profile", &c.access))
                 .inc();
         }
-        for c in &report.applied.revoked {
+        for c in &applied.revoked {
             self.revocations
                 .get_or_create(&label("profile", &c.access))
                 .inc();
         }
-        for (c, _) in &report.applied.failed {
+        for (c, _) in &applied.failed {
             self.failed_changes
                 .get_or_create(&label("profile", &c.access))
                 .inc();
@@ -193,6 +192,37 @@ impl Metrics {
             };
             self.ldap_errors.get_or_create(&label("kind", kind)).inc();
         }
+    }
+
+    /// Counts a pass's (or a quick pass's) questions to the learning platform and their errors.
+    pub fn record_courses(&self, courses: &CourseFacts) {
+        let platform = courses.platform();
+        let stats = courses.stats();
+        for (kind, count) in &stats.errors {
+            self.lms_errors
+                .get_or_create(&vec![
+                    ("platform".to_string(), platform.to_string()),
+                    ("kind".to_string(), kind.clone()),
+                ])
+                .inc_by(*count);
+        }
+        if stats.requests > 0 {
+            self.lms_requests
+                .get_or_create(&label("platform", platform))
+                .inc_by(stats.requests);
+        }
+        if stats.cached > 0 {
+            self.lms_cached
+                .get_or_create(&label("platform", platform))
+                .inc_by(stats.cached);
+        }
+    }
+
+    /// Records a finished pass.
+    pub fn record_pass(&self, report: &RunReport, seconds: f64) {
+        self.reconcile_duration.observe(seconds);
+        self.reconciles.get_or_create(&label("result", "ok")).inc();
+        self.record_applied(&report.applied);
         if let Some(view) = &report.observed.notifications {
             let sum = &view.summary;
             for (state, n) in [
@@ -226,27 +256,7 @@ impl Metrics {
         }
         self.invalid_orders
             .set(i64::try_from(report.observed.scan.invalid.len()).unwrap_or(i64::MAX));
-        let courses = &report.observed.courses;
-        let platform = courses.platform();
-        let stats = courses.stats();
-        for (kind, count) in &stats.errors {
-            self.lms_errors
-                .get_or_create(&vec![
-                    ("platform".to_string(), platform.to_string()),
-                    ("kind".to_string(), kind.clone()),
-                ])
-                .inc_by(*count);
-        }
-        if stats.requests > 0 {
-            self.lms_requests
-                .get_or_create(&label("platform", platform))
-                .inc_by(stats.requests);
-        }
-        if stats.cached > 0 {
-            self.lms_cached
-                .get_or_create(&label("platform", platform))
-                .inc_by(stats.cached);
-        }
+        self.record_courses(&report.observed.courses);
         self.brake.set(i64::from(report.plan.brake.is_some()));
         if report.applied.failed.is_empty() {
             self.last_success

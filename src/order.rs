@@ -592,6 +592,65 @@ impl ParseCache {
     }
 }
 
+impl ParseCache {
+    /// The daemon's quick view of a few changed order files ([`crate::reconcile::quick_pass`]):
+    /// re-reads `names` (file names in `dir`) into the cache and returns every valid order, from
+    /// any cached file, of the users those files name. `None` when the quick view cannot be
+    /// trusted and a full scan must decide: a named file is gone, unreadable or invalid, a
+    /// returned order's `id` is used by another file (SPEC §2 makes both invalid), or a name is
+    /// not an order file, or another file of those users changed or went since it was cached.
+    /// Orders in effect only as a last-good version are left out, so the view can only hold
+    /// fewer orders than a full scan, never more.
+    pub fn quick_view(
+        &mut self,
+        dir: &Path,
+        names: &[String],
+        is_profile: &dyn Fn(&str) -> bool,
+    ) -> Option<Vec<LoadedOrder>> {
+        let mut users = std::collections::HashSet::new();
+        for name in names {
+            if !matches!(classify(name), FileKind::Toml | FileKind::Json) {
+                return None;
+            }
+            let path = dir.join(name);
+            let stamp = FileStamp::of(&path)?;
+            let fresh = matches!(self.entries.get(name), Some((then, _)) if *then == stamp);
+            if !fresh {
+                let result = load_file(&path, is_profile);
+                self.entries.insert(name.clone(), (stamp, result));
+                self.changed = true;
+            }
+            match &self.entries[name].1 {
+                Ok(order) => users.insert(order.user.clone()),
+                Err(_) => return None,
+            };
+        }
+        let mut ids: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+        for (_, result) in self.entries.values() {
+            if let Ok(order) = result {
+                *ids.entry(order.id.as_str()).or_default() += 1;
+            }
+        }
+        let mut orders = Vec::new();
+        for (name, (stamp, result)) in &self.entries {
+            let Ok(order) = result else { continue };
+            if !users.contains(&order.user) {
+                continue;
+            }
+            // The user's other files must still be as cached (a removal not yet seen).
+            if ids[order.id.as_str()] > 1 || FileStamp::of(&dir.join(name)) != Some(*stamp) {
+                return None;
+            }
+            orders.push(LoadedOrder {
+                file: name.clone(),
+                order: order.clone(),
+                last_good: false,
+            });
+        }
+        Some(orders)
+    }
+}
+
 /// What identifies one version of a file without reading it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileStamp {
@@ -1008,6 +1067,53 @@ note = "ST-läkare, radiologi"
         let third = scan_cached(d, &profiles, &second.last_good, &mut cache).unwrap();
         assert!(third.orders.is_empty());
         assert!(cache.entries.is_empty());
+    }
+
+    #[test]
+    fn quick_view_gives_the_users_orders_or_leaves_it_to_a_full_scan() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let order = |id: &str, user: &str| {
+            format!("id = \"{id}\"\nuser = \"{user}\"\naccess = [\"wim\"]\nordered_by = \"m\"\n")
+        };
+        write(d, "a1.toml", &order("A-1", "anna"));
+        write(d, "b1.toml", &order("B-1", "bertil"));
+        let mut cache = ParseCache::default();
+        scan_cached(d, &profiles, &BTreeMap::new(), &mut cache).unwrap();
+        let names = |v: &[LoadedOrder]| v.iter().map(|o| o.file.clone()).collect::<Vec<_>>();
+
+        // A new file: it and the user's other orders, nobody else's.
+        write(d, "a2.toml", &order("A-2", "anna"));
+        let view = cache
+            .quick_view(d, &["a2.toml".to_string()], &profiles)
+            .unwrap();
+        assert_eq!(names(&view), ["a1.toml", "a2.toml"]);
+        assert!(cache.changed());
+
+        let quick = |cache: &mut ParseCache, name: &str| {
+            cache.quick_view(d, &[name.to_string()], &profiles)
+        };
+        // Gone, invalid, not an order file: a full scan decides.
+        assert!(quick(&mut cache, "nope.toml").is_none());
+        write(d, "bad.toml", "id = 1");
+        assert!(quick(&mut cache, "bad.toml").is_none());
+        write(d, "notes.txt", &order("N-1", "nils"));
+        assert!(quick(&mut cache, "notes.txt").is_none());
+        // An id another file uses (both are invalid after a full scan).
+        write(d, "b2.toml", &order("A-1", "bertil"));
+        assert!(quick(&mut cache, "b2.toml").is_none());
+        std::fs::remove_file(d.join("b2.toml")).unwrap();
+        cache.entries.remove("b2.toml");
+        // Another file of the user removed since the last scan.
+        std::fs::remove_file(d.join("a1.toml")).unwrap();
+        write(d, "a3.toml", &order("A-3", "anna"));
+        assert!(quick(&mut cache, "a3.toml").is_none());
+        // Bertil's other file is unchanged: his view holds it.
+        write(d, "b3.toml", &order("B-3", "bertil"));
+        assert_eq!(
+            names(&quick(&mut cache, "b3.toml").unwrap()),
+            ["b1.toml", "b3.toml"]
+        );
     }
 
     #[test]

@@ -39,6 +39,21 @@ pub enum UserLookup {
     Failed { reason: String },
 }
 
+impl UserLookup {
+    /// The value that makes the user a member of a group: the entry's DN, or for `memberUid`
+    /// the account name (the order's name if the directory did not say). `None` unless found.
+    pub fn member_value(&self, user: &str, attribute: MemberAttribute) -> Option<String> {
+        match self {
+            UserLookup::Found { dn, account, .. } => Some(if attribute.holds_dns() {
+                dn.clone()
+            } else {
+                account.clone().unwrap_or_else(|| user.to_string())
+            }),
+            _ => None,
+        }
+    }
+}
+
 /// Everything read from the directory for one run.
 #[derive(Debug, Clone, Default)]
 pub struct DirectoryFacts {
@@ -341,14 +356,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             member: None,
         };
         let lookup = input.directory.users.get(user);
-        let member_value = match lookup {
-            Some(UserLookup::Found { dn, account, .. }) => Some(if attr.holds_dns() {
-                dn.clone()
-            } else {
-                account.clone().unwrap_or_else(|| user.clone())
-            }),
-            _ => None,
-        };
+        let member_value = lookup.and_then(|l| l.member_value(user, attr));
         let mkey: Option<&String> = match &member_value {
             Some(m) => Some(
                 member_keys

@@ -54,6 +54,11 @@ pub struct Caches {
     /// The ledger as the last successful pass left it (and saved it): the daemon holds the
     /// state lock, so nobody else changes it, and it need not be read back every pass.
     ledger: Option<Ledger>,
+    /// Whether `ledger` holds grants of quick passes that are not saved yet (the audit log has
+    /// them; the next full pass or the daemon's shutdown saves the ledger).
+    ledger_unsaved: bool,
+    /// The last-good store as saved (the daemon holds the state lock, like for the ledger).
+    last_good: Option<BTreeMap<String, order::Order>>,
 }
 
 impl Caches {
@@ -62,20 +67,35 @@ impl Caches {
         self.ledger = Some(ledger);
     }
 
+    /// Saves a ledger that quick passes changed (the daemon's shutdown).
+    pub fn save_unsaved_ledger(&mut self, store: &impl StateStore) -> Result<()> {
+        if let Some(ledger) = self.ledger.as_ref().filter(|_| self.ledger_unsaved) {
+            store.save_ledger(ledger)?;
+            self.ledger_unsaved = false;
+        }
+        Ok(())
+    }
+
     /// Forgets everything (a config reload: the platform itself may have changed).
     pub fn clear(&mut self) {
         *self = Caches::default();
     }
 
-    /// A full resync: forgets everything but the platform's passes, which are re-verified at
-    /// their own pace; its "not passed" answers go, so pending orders are asked again.
+    /// A full resync: forgets everything but coursegate's own state (the ledger and the
+    /// last-good store) and the platform's passes, which are
+    /// re-verified at their own pace; its "not passed" answers go, so pending orders are asked
+    /// again.
     pub fn resync(&mut self) {
         let mut platform = self.platform.take();
         if let Some(p) = platform.as_mut() {
             p.resync();
         }
+        // The ledger is coursegate's own state, not a fact of the world: it stays.
         *self = Caches {
             platform,
+            ledger: self.ledger.take(),
+            ledger_unsaved: self.ledger_unsaved,
+            last_good: self.last_good.take(),
             ..Caches::default()
         };
     }
@@ -382,9 +402,15 @@ pub struct Applied {
     pub revoked: Vec<Change>,
     /// Changes that could not be made, with the error.
     pub failed: Vec<(Change, String)>,
+    /// Whether the ledger changed since its last checkpoint: the caller saves it (a full pass
+    /// at once; the daemon's quick pass later, as rewriting every membership for each new order
+    /// would cost more than the order itself).
+    pub ledger_unsaved: bool,
 }
 
-/// Carries out `plan`: audit first, then the directory, then the ledger (module docs).
+/// Carries out `plan`: audit first, then the directory, then the ledger (module docs). A long
+/// run checkpoints the ledger every [`LEDGER_CHECKPOINT_EVERY`]; the last checkpoint is the
+/// caller's, when [`Applied::ledger_unsaved`] says so.
 pub async fn apply_plan(
     config: &Config,
     store: &impl StateStore,
@@ -414,6 +440,8 @@ pub async fn apply_plan(
             })),
             ..Event::default()
         }])?;
+        // The record changes no membership: the ledger reflects it as it is.
+        ledger.applied_seq = audit.last_seq();
     }
 
     // Batches in plan order (grants first), one per group and action.
@@ -490,9 +518,6 @@ pub async fn apply_plan(
             }
         }
     }
-    if unsaved {
-        store.save_ledger(ledger)?;
-    }
 
     // Ledger bookkeeping that changes nothing in the directory.
     let mut bookkeeping = false;
@@ -527,9 +552,7 @@ pub async fn apply_plan(
         ledger.applied_seq = audit.last_seq();
         bookkeeping = true;
     }
-    if bookkeeping {
-        store.save_ledger(ledger)?;
-    }
+    applied.ledger_unsaved = unsaved || bookkeeping;
     Ok(applied)
 }
 
@@ -801,12 +824,21 @@ pub async fn pass(
     let clock = std::time::Instant::now();
     // Taken, not borrowed: a pass that fails leaves no ledger behind, and the next one reads
     // the saved one.
+    let ledger_unsaved = std::mem::take(&mut caches.ledger_unsaved);
     let mut ledger = match caches.ledger.take() {
         Some(ledger) => ledger,
         None => store.load_ledger()?.unwrap_or_default(),
     };
+    if ledger_unsaved {
+        // Quick passes' grants: saved first, so that nothing this pass does can leave them to
+        // crash recovery.
+        store.save_ledger(&ledger)?;
+    }
     let recovered = recover(config, store, audit, dir, &mut ledger, now).await?;
-    let last_good_before = store.load_last_good()?;
+    let last_good_before = match caches.last_good.take() {
+        Some(kept) => kept,
+        None => store.load_last_good()?,
+    };
     tracing::debug!(ms = clock.elapsed().as_millis(), "state loaded");
     let mut observed = observe_cached(config, &last_good_before, dir, ledger, now, caches).await?;
     observed.gates = crate::orderers::check(
@@ -823,12 +855,19 @@ pub async fn pass(
     if observed.scan.last_good != last_good_before {
         store.save_last_good(&observed.scan.last_good)?;
     }
+    drop(last_good_before);
+    caches.last_good = Some(std::mem::take(&mut observed.scan.last_good));
     tracing::debug!(ms = clock.elapsed().as_millis(), "last-good saved");
     let plan = decide(config, &observed, now, options.allow_revocations);
     tracing::debug!(ms = clock.elapsed().as_millis(), "decided");
     // One ledger: the plan is made from it, then the run updates it in place (the report and
     // the notifications see the ledger as the run left it).
-    let applied = apply_plan(config, store, audit, dir, &mut observed.ledger, &plan, now).await?;
+    let mut applied =
+        apply_plan(config, store, audit, dir, &mut observed.ledger, &plan, now).await?;
+    if applied.ledger_unsaved {
+        store.save_ledger(&observed.ledger)?;
+        applied.ledger_unsaved = false;
+    }
     tracing::debug!(ms = clock.elapsed().as_millis(), "applied");
     if let Some(n) = notifier {
         let granted_now = applied
@@ -867,6 +906,245 @@ pub async fn pass(
         applied,
         recovered,
     })
+}
+
+/// What a [`quick_pass`] did.
+#[derive(Debug)]
+pub enum Quick {
+    /// The grants it made (none, if nothing was due), and what an HTTP learning platform was
+    /// asked (a report's facts are the full pass's).
+    Done {
+        applied: Applied,
+        platform: Option<Box<CourseFacts>>,
+    },
+    /// It decided nothing: a full pass must, for this reason.
+    Full(&'static str),
+}
+
+/// The daemon's quick pass over a few order files that changed (an order dropped into
+/// `desired_dir`): it makes the grants those files' users are due, and nothing else, so that a
+/// new order takes effect at once however many orders are loaded. It reads only the named files
+/// ([`order::ParseCache::quick_view`]), looks up only their users, asks the directory with one
+/// compare per group and user whether they are members already, and decides with
+/// [`plan::plan`] over that slice of the world, under the same rules as a full pass (courses,
+/// orderer check, validity window, unknown facts hold). Revocations, drift, lapse marks,
+/// notifications and the published status are left to the full pass that the daemon runs once
+/// the files settle. The view holds at most the orders a full scan would see and every fact it
+/// lacks holds the decision, so a quick pass can only grant what a full pass would grant.
+///
+/// Returns `Ok(None)` when a full pass must do the work instead: no ledger in memory (no full
+/// pass since start, reload or a failure), the course report changed, or the quick view of the
+/// files cannot be trusted. Its grants go to the audit log first, as always; the ledger is
+/// saved by the next full pass (a crash before that is recovered from the audit log).
+pub async fn quick_pass(
+    config: &Config,
+    store: &impl StateStore,
+    audit: &mut AuditLog,
+    dir: &mut Directory,
+    caches: &mut Caches,
+    files: &[String],
+) -> Result<Quick> {
+    let attr = config.ldap.member_attribute;
+    match &caches.ledger {
+        Some(ledger) if ledger.applied_seq == audit.last_seq() => {}
+        Some(_) => return Ok(Quick::Full("the ledger in memory lags the audit log")),
+        None => return Ok(Quick::Full("no ledger in memory yet")),
+    }
+    let is_profile = |name: &str| config.access.contains_key(name);
+    let Some(orders) = caches
+        .orders
+        .quick_view(&config.daemon.desired_dir, files, &is_profile)
+    else {
+        return Ok(Quick::Full(
+            "a file is gone, invalid or shares its id, or another file of its user changed",
+        ));
+    };
+    let now = Utc::now();
+    let mut users: Vec<String> = orders
+        .iter()
+        .filter(|o| plan::in_window(o, now))
+        .map(|o| o.order.user.clone())
+        .collect();
+    users.sort();
+    users.dedup();
+    if users.is_empty() {
+        return Ok(Quick::Done {
+            applied: Applied::default(),
+            platform: None,
+        });
+    }
+    let report_stamp = config.lms.path.as_deref().and_then(FileStamp::of);
+    let csv = CourseSource::from_config(&config.lms).is_some();
+    if csv
+        && !matches!(&caches.courses, Some((cached, _)) if report_stamp.is_some() && *cached == report_stamp)
+    {
+        return Ok(Quick::Full("the course report changed"));
+    }
+
+    // The users: as cached, else one lookup (a failed one is used once, never kept).
+    let unknown: Vec<String> = users
+        .iter()
+        .filter(|u| !caches.users.contains_key(*u))
+        .cloned()
+        .collect();
+    let mut looked_up = HashMap::new();
+    if !unknown.is_empty() {
+        for (user, lookup) in dir.resolve_users(&unknown).await {
+            if !matches!(lookup, UserLookup::Failed { .. }) {
+                caches.users.insert(user.clone(), lookup.clone());
+            }
+            looked_up.insert(user, lookup);
+        }
+    }
+    let mut directory = DirectoryFacts::default();
+    for user in &users {
+        if let Some(lookup) = looked_up.get(user).or_else(|| caches.users.get(user)) {
+            directory.users.insert(user.clone(), lookup.clone());
+        }
+    }
+
+    // Membership of these users only, in the groups their orders name.
+    let named: std::collections::BTreeSet<&str> = orders
+        .iter()
+        .flat_map(|o| o.order.access.iter().map(String::as_str))
+        .collect();
+    let mut read: HashMap<String, std::result::Result<Vec<String>, String>> = HashMap::new();
+    for (name, profile) in &config.access {
+        if !named.contains(name.as_str()) {
+            continue;
+        }
+        let norm = crate::directory::dn::normalize(&profile.group);
+        if !read.contains_key(&norm) {
+            let mut present = Ok(Vec::new());
+            for (user, lookup) in &directory.users {
+                let Some(value) = lookup.member_value(user, attr) else {
+                    continue;
+                };
+                match dir.has_member(&profile.group, &value).await {
+                    Ok(true) => {
+                        if let Ok(values) = &mut present {
+                            values.push(value);
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) => {
+                        present = Err(e.to_string());
+                        break;
+                    }
+                }
+            }
+            read.insert(norm.clone(), present);
+        }
+        directory
+            .groups
+            .insert(profile.group.clone(), read[&norm].clone());
+    }
+
+    let ledger = caches.ledger.as_ref().expect("checked above");
+    let gates = crate::orderers::check(
+        config,
+        store,
+        &orders,
+        ledger,
+        dir,
+        now,
+        Some(&mut caches.acceptances),
+    )
+    .await?;
+    let platform_facts = if csv {
+        None
+    } else {
+        let queries = course_queries(config, &orders, &directory.users, ledger, now);
+        let Some(platform) = caches.platform.as_mut() else {
+            return Ok(Quick::Full("the learning platform's client is not set up"));
+        };
+        Some(platform.load(&queries).await)
+    };
+    let courses = match (&platform_facts, &caches.courses) {
+        (Some(facts), _) | (None, Some((_, facts))) => facts,
+        (None, None) => return Ok(Quick::Full("no course results in memory")),
+    };
+    if courses.is_unavailable() {
+        return Ok(Quick::Full("course results unavailable"));
+    }
+    // The ledger entries of these users (by member value: the user's name may be spelled
+    // differently in another order).
+    let member_keys: std::collections::HashSet<String> = directory
+        .users
+        .iter()
+        .filter_map(|(user, lookup)| lookup.member_value(user, attr))
+        .map(|value| member_key(&value, attr))
+        .collect();
+    let slice = Ledger {
+        applied_seq: ledger.applied_seq,
+        owned: ledger
+            .owned
+            .iter()
+            .filter(|(key, _)| {
+                key.rsplit_once('\u{1f}')
+                    .is_some_and(|(_, member)| member_keys.contains(member))
+            })
+            .map(|(key, owned)| (key.clone(), owned.clone()))
+            .collect(),
+    };
+    let decided = plan::plan(&PlanInput {
+        config,
+        orders: &orders,
+        directory: &directory,
+        courses,
+        ledger: &slice,
+        now,
+        allow_revocations: None,
+        gates: &gates,
+    });
+    let grants = Plan {
+        changes: decided
+            .changes
+            .into_iter()
+            .filter(|c| c.action == Action::Grant)
+            .collect(),
+        ..Plan::default()
+    };
+    if grants.changes.is_empty() {
+        return Ok(Quick::Done {
+            applied: Applied::default(),
+            platform: platform_facts.map(Box::new),
+        });
+    }
+    // The files granted from become last-good versions before the grant, as a full pass
+    // records them: if such a file turns invalid later, what it granted stays in effect.
+    let mut last_good = match caches.last_good.take() {
+        Some(kept) => kept,
+        None => store.load_last_good()?,
+    };
+    let mut recorded = false;
+    for o in orders.iter().filter(|o| files.contains(&o.file)) {
+        if last_good.get(&o.file) != Some(&o.order) {
+            last_good.insert(o.file.clone(), o.order.clone());
+            recorded = true;
+        }
+    }
+    if recorded {
+        store.save_last_good(&last_good)?;
+    }
+    caches.last_good = Some(last_good);
+    let ledger = caches.ledger.as_mut().expect("checked above");
+    match apply_plan(config, store, audit, dir, ledger, &grants, now).await {
+        Ok(applied) => {
+            caches.ledger_unsaved |= applied.ledger_unsaved;
+            Ok(Quick::Done {
+                applied,
+                platform: platform_facts.map(Box::new),
+            })
+        }
+        Err(e) => {
+            // The ledger may lag the audit log now: the next pass reads the saved one and
+            // recovers the rest from the log.
+            caches.ledger = None;
+            caches.ledger_unsaved = false;
+            Err(e)
+        }
+    }
 }
 
 /// Observes and decides without changing anything (`plan`, `status`).

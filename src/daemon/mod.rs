@@ -4,7 +4,15 @@
 //! connection), so a reconcile is never interrupted half-way: signals are handled between
 //! passes, which is how SIGTERM "finishes the change in flight". The loop is level-triggered:
 //! a file event, the resync timer, a retry coming due or a reload only mark a pass as due, and
-//! every pass looks at the whole world again ([`crate::reconcile::pass`]).
+//! every full pass looks at the whole world again ([`crate::reconcile::pass`]).
+//!
+//! New or changed order files get a quick pass first ([`crate::reconcile::quick_pass`]): the
+//! grants their users are due, in tens of milliseconds however many orders are loaded. A full
+//! pass follows once the order directory has been quiet for [`SETTLE`] (at the latest
+//! [`MAX_SETTLE`] after the first quick pass) and does everything else: revocations, drift,
+//! notifications, the status. A removed file, a non-order file, the course report, anything
+//! the quick pass cannot decide, or more than [`QUICK_MAX_FILES`] files at once go straight to
+//! a full pass.
 //!
 //! Failures are values, not exits: a directory that cannot be reached is retried with capped,
 //! jittered exponential backoff while the daemon reports not-ready; items that failed or are on
@@ -13,7 +21,7 @@
 pub mod http;
 pub mod watch;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +37,9 @@ use crate::audit::AuditLog;
 use crate::config::Config;
 use crate::directory::Directory;
 use crate::notify::Notifier;
+use crate::order::{self, FileKind};
 use crate::plan::{DecisionKind, UserLookup};
-use crate::reconcile::{self, ApplyOptions, Caches, RunReport};
+use crate::reconcile::{self, ApplyOptions, Caches, Quick, RunReport};
 use crate::state::{FileStore, StateLock};
 use crate::{Error, Result};
 
@@ -41,6 +50,16 @@ use watch::{Trigger, Watch};
 const DEBOUNCE: Duration = Duration::from_millis(100);
 /// A stream of events delays a pass at most this long.
 const MAX_DEBOUNCE: Duration = Duration::from_millis(400);
+/// Quiet time after an order file event before the quick pass starts (an atomic rename is one
+/// event; an editor's several writes arrive within this).
+const QUICK_DEBOUNCE: Duration = Duration::from_millis(50);
+/// More changed files than this at once go to a full pass.
+const QUICK_MAX_FILES: usize = 50;
+/// After quick passes, the full pass (revocations, notifications, status) runs when the order
+/// directory has been quiet this long…
+const SETTLE: Duration = Duration::from_secs(2);
+/// …and at the latest this long after the first quick pass.
+const MAX_SETTLE: Duration = Duration::from_secs(30);
 /// How often an idle daemon checks that the directory connection is alive.
 const PROBE_EVERY: Duration = Duration::from_secs(30);
 /// How often the watch is checked for a replaced order directory.
@@ -164,6 +183,13 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     let now = Instant::now();
     let mut due: Option<Instant> = Some(now);
     let mut first_event: Option<Instant> = None;
+    // Order files changed since the last pass, for a quick pass; and the full pass that
+    // follows quick passes once the directory settles.
+    let mut quick_files: BTreeSet<String> = BTreeSet::new();
+    let mut quick_due: Option<Instant> = None;
+    let mut quick_first: Option<Instant> = None;
+    let mut settle_due: Option<Instant> = None;
+    let mut settle_since: Option<Instant> = None;
     let mut next_resync = now + d.config.daemon.resync_interval;
     let mut next_probe = now + PROBE_EVERY;
     let mut next_watch_check = now + WATCH_CHECK_EVERY;
@@ -172,6 +198,8 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     loop {
         let wake = [
             due,
+            quick_due,
+            settle_due,
             Some(next_resync),
             d.next_retry(),
             Some(next_probe),
@@ -197,6 +225,23 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
             Some(trigger) = rx.recv() => {
                 let now = Instant::now();
                 match trigger {
+                    Trigger::Orders(names) => {
+                        // Leftovers of editors and atomic writers are never read: no pass.
+                        let names: Vec<String> = names
+                            .into_iter()
+                            .filter(|n| order::classify(n) != FileKind::Ignored)
+                            .collect();
+                        if names.iter().all(|n| order::classify(n) != FileKind::Other) {
+                            if !names.is_empty() {
+                                quick_files.extend(names);
+                                let first = *quick_first.get_or_insert(now);
+                                quick_due = Some((now + QUICK_DEBOUNCE).min(first + MAX_DEBOUNCE));
+                            }
+                        } else {
+                            let first = *first_event.get_or_insert(now);
+                            due = Some((now + DEBOUNCE).min(first + MAX_DEBOUNCE));
+                        }
+                    }
                     Trigger::Changed => {
                         let first = *first_event.get_or_insert(now);
                         due = Some((now + DEBOUNCE).min(first + MAX_DEBOUNCE));
@@ -246,10 +291,26 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
                 due = Some(now);
             }
         }
-        if due.is_some_and(|t| now >= t) {
+        if due.is_some_and(|t| now >= t) || settle_due.is_some_and(|t| now >= t) {
             due = None;
             first_event = None;
+            // A full pass sees every file, the quick ones too.
+            quick_files.clear();
+            quick_due = None;
+            quick_first = None;
+            settle_due = None;
+            settle_since = None;
             d.reconcile().await;
+        } else if quick_due.is_some_and(|t| now >= t) {
+            quick_due = None;
+            quick_first = None;
+            let files: Vec<String> = std::mem::take(&mut quick_files).into_iter().collect();
+            if d.quick(&files).await {
+                let since = *settle_since.get_or_insert(now);
+                settle_due = Some((Instant::now() + SETTLE).min(since + MAX_SETTLE));
+            } else {
+                due = Some(Instant::now());
+            }
         }
     }
 
@@ -262,6 +323,11 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     if let Some(w) = worker {
         // Undelivered messages stay in the outbox for the next start.
         w.abort();
+    }
+    if let Err(e) = d.caches.save_unsaved_ledger(&d.store) {
+        tracing::error!(
+            "cannot save the ledger (the next start recovers it from the audit log): {e}"
+        );
     }
     tracing::info!("stopping: no change in flight, audit log synced");
     if let Some(dir) = d.dir.take() {
@@ -318,6 +384,11 @@ impl Daemon {
                     != format!("{:?}{:?}", self.config.notify, self.config.ticket)
                 {
                     tracing::warn!("[notify] and [ticket] changes take effect after a restart");
+                }
+                if let Err(e) = self.caches.save_unsaved_ledger(&self.store) {
+                    tracing::error!(
+                        "cannot save the ledger (the next pass recovers it from the audit log): {e}"
+                    );
                 }
                 self.config = new;
                 // Reconnect with the new settings (and a rotated password).
@@ -396,6 +467,61 @@ impl Daemon {
                 tracing::error!("{why}");
                 self.shared.set_ready(Some(why.clone()));
                 notify(&[NotifyState::Status(&format!("waiting: {why}"))]);
+                false
+            }
+        }
+    }
+
+    /// A quick pass over changed order files ([`reconcile::quick_pass`]). Returns false when
+    /// a full pass must follow at once: too many files, no connection, a failure, a change that
+    /// failed, or a view the quick pass cannot trust.
+    async fn quick(&mut self, files: &[String]) -> bool {
+        if files.len() > QUICK_MAX_FILES || !self.connect().await {
+            return false;
+        }
+        let Some(dir) = self.dir.as_mut() else {
+            return false;
+        };
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!("quick", files = files.len());
+        let result = reconcile::quick_pass(
+            &self.config,
+            &self.store,
+            &mut self.audit,
+            dir,
+            &mut self.caches,
+            files,
+        )
+        .instrument(span)
+        .await;
+        let ms = started.elapsed().as_millis();
+        match result {
+            Ok(Quick::Done { applied, platform }) => {
+                self.shared.metrics.record_applied(&applied);
+                if let Some(courses) = &platform {
+                    self.shared.metrics.record_courses(courses);
+                }
+                tracing::info!(
+                    files = files.len(),
+                    granted = applied.granted.len(),
+                    failed = applied.failed.len(),
+                    ms,
+                    "quick pass finished (the full pass follows when the orders settle)"
+                );
+                applied.failed.is_empty()
+            }
+            Ok(Quick::Full(why)) => {
+                tracing::debug!(
+                    files = files.len(),
+                    "full pass instead of a quick one: {why}"
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!("quick pass failed, a full pass follows: {e}");
+                if matches!(e, Error::Directory(_)) {
+                    self.dir = None;
+                }
                 false
             }
         }

@@ -8,7 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use notify::{Event, RecommendedWatcher, RecursiveMode, Watcher};
+use notify::event::{AccessKind, AccessMode};
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::config::Config;
@@ -18,6 +19,9 @@ use crate::config::Config;
 pub enum Trigger {
     /// Something changed in a watched place.
     Changed,
+    /// Files directly in `desired_dir` changed (names only, every kind: the daemon sorts
+    /// them); the daemon may reconcile just these ([`crate::reconcile::quick_pass`]).
+    Orders(Vec<String>),
     /// The watcher reported an error: rebuild it and resync.
     WatcherFailed(String),
 }
@@ -32,6 +36,34 @@ pub struct Watch {
 fn dir_id(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// Whether an event only says that something was opened or read.
+fn is_read(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => false,
+        EventKind::Access(_) => true,
+        _ => false,
+    }
+}
+
+/// The names of the files an event is about, if every one of them is directly in `dir` (a
+/// plain change of order files); `None` for anything else (the directory itself, the report, a
+/// rescan request), which needs a full pass.
+fn order_files(dir: &Path, event: &Event) -> Option<Vec<String>> {
+    if event.need_rescan() || event.paths.is_empty() {
+        return None;
+    }
+    event
+        .paths
+        .iter()
+        .map(|p| match (p.parent(), p.file_name()) {
+            (Some(parent), Some(name)) if parent == dir => {
+                Some(name.to_string_lossy().into_owned())
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 impl Watch {
@@ -57,9 +89,15 @@ impl Watch {
                     || (report_name.is_some() && path.file_name() == report_name.as_deref())
             }
         };
+        let orders_dir = desired_dir.clone();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
             let trigger = match res {
-                Ok(event) if event.paths.iter().any(|p| relevant(p)) => Trigger::Changed,
+                // Opening and reading are no change (and the daemon's own reads would
+                // trigger it again); a close after writing is.
+                Ok(event) if is_read(&event.kind) => return,
+                Ok(event) if event.paths.iter().any(|p| relevant(p)) => {
+                    order_files(&orders_dir, &event).map_or(Trigger::Changed, Trigger::Orders)
+                }
                 Ok(_) => return,
                 Err(e) => Trigger::WatcherFailed(e.to_string()),
             };

@@ -262,6 +262,150 @@ fn daemon_converges_on_file_events_and_speaks_systemd() {
     );
 }
 
+/// A dropped order is granted by the quick pass, without a full pass over every order; what the
+/// quick pass must not decide (a course not passed, an `id` another file uses) it leaves alone,
+/// and the full pass that follows once the files settle decides it. Its grants survive kill -9
+/// before that full pass (the ledger is saved later; the audit log has them).
+#[test]
+fn a_dropped_order_is_granted_by_a_quick_pass_and_settled_by_a_full_one() {
+    let (w, port) = world();
+    let anna = w.slapd.add_user("anna", "Anna");
+    let bertil = w.slapd.add_user("bertil", "Bertil");
+    let cecilia = w.slapd.add_user("cecilia", "Cecilia");
+    let dora = w.slapd.add_user("dora", "Dora");
+    w.results(&[
+        "anna;Wim grundkurs;true;2026-11-01",
+        "cecilia;Wim grundkurs;true;2026-11-01",
+        "dora;Wim grundkurs;true;2026-11-01",
+    ]);
+    w.simple_order("O-1", "anna", &["wim"]);
+    let full_passes = |d: &Running| d.log().matches("reconcile finished").count();
+    let mut d = Running::spawn(&w, port);
+    d.wait_for("anna granted by the first pass", |d| {
+        full_passes(d) == 1 && w.members(WIM_GROUP).contains(&anna)
+    });
+
+    drop_order_atomically(&w, "O-2", "cecilia", "wim");
+    d.wait_for("cecilia granted", |_| {
+        w.members(WIM_GROUP).contains(&cecilia)
+    });
+    let log = d.log();
+    assert_eq!(full_passes(&d), 1, "granted by a full pass:\n{log}");
+    assert!(
+        log.contains("quick pass finished") && log.contains("granted=1"),
+        "{log}"
+    );
+
+    // Not passed: the quick pass grants nothing. The same id as O-2 in another file: the quick
+    // pass does not decide it; the full pass makes both files invalid, and O-2's last valid
+    // version stays in effect.
+    drop_order_atomically(&w, "O-3", "bertil", "wim");
+    w.order(
+        "O-2-copy.toml",
+        "id = \"O-2\"\nuser = \"dora\"\naccess = [\"wim\"]\nordered_by = \"m\"\n",
+    );
+    d.wait_for("a full pass after the duplicate", |d| full_passes(d) >= 2);
+    d.wait_for("the status of the settled orders", |_| {
+        let out = w.run(&["status"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("bertil wim") && text.contains("O-2-copy.toml")
+    });
+    let members = w.members(WIM_GROUP);
+    assert!(
+        members.contains(&anna) && members.contains(&cecilia),
+        "{members:?}"
+    );
+    assert!(
+        !members.contains(&bertil) && !members.contains(&dora),
+        "{members:?}"
+    );
+
+    // A quick grant, then kill -9 before any full pass: the restarted daemon owns it.
+    std::fs::remove_file(w.path("desired").join("O-2-copy.toml")).unwrap();
+    d.wait_for("the duplicate gone", |d| full_passes(d) >= 3);
+    let before = full_passes(&d);
+    w.results(&[
+        "anna;Wim grundkurs;true;2026-11-01",
+        "cecilia;Wim grundkurs;true;2026-11-01",
+        "dora;Wim grundkurs;true;2026-11-01",
+        "bertil;Wim grundkurs;true;2026-11-01",
+    ]);
+    d.wait_for("the report change read", |d| full_passes(d) > before);
+    let before = full_passes(&d);
+    drop_order_atomically(&w, "O-4", "dora", "wim");
+    d.wait_for("dora granted", |_| w.members(WIM_GROUP).contains(&dora));
+    assert_eq!(
+        full_passes(&d),
+        before,
+        "granted by a full pass:\n{}",
+        d.log()
+    );
+    drop(d);
+    let mut d = Running::spawn(&w, port);
+    d.wait_for("a pass after the restart", |d| full_passes(d) >= 1);
+    assert_eq!(d.terminate(), Some(0), "{}", d.log());
+    expect_exit(&w.run(&["audit", "verify"]), 0);
+    w.withdraw("O-4");
+    let out = w.run(&["plan"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.contains("revoke") && l.contains("dora")),
+        "the quick grant is not owned after the crash: {}",
+        describe(&out)
+    );
+}
+
+/// An engaged revocation brake writes an audit record each full pass; new orders are still
+/// granted by quick passes while the brake holds the revocations.
+#[test]
+fn the_revocation_brake_does_not_hold_up_quick_grants() {
+    let port = free_port();
+    let w = World::with(
+        Slapd::start(),
+        &format!("listen = \"127.0.0.1:{port}\"\nmax_revocations_per_run = 1"),
+        "member",
+        COURSES,
+    );
+    let anna = w.slapd.add_user("anna", "Anna");
+    let bertil = w.slapd.add_user("bertil", "Bertil");
+    let cecilia = w.slapd.add_user("cecilia", "Cecilia");
+    w.results(&[
+        "anna;Wim grundkurs;true;2026-11-01",
+        "bertil;Wim grundkurs;true;2026-11-01",
+        "cecilia;Wim grundkurs;true;2026-11-01",
+    ]);
+    w.simple_order("O-1", "anna", &["wim"]);
+    w.simple_order("O-2", "bertil", &["wim"]);
+    let full_passes = |d: &Running| d.log().matches("reconcile finished").count();
+    let mut d = Running::spawn(&w, port);
+    d.wait_for("both granted", |_| {
+        let m = w.members(WIM_GROUP);
+        m.contains(&anna) && m.contains(&bertil)
+    });
+    w.withdraw("O-1");
+    w.withdraw("O-2");
+    d.wait_for("the brake engaged", |d| {
+        d.log().contains("revocation brake engaged")
+    });
+    d.wait_for("the pass that engaged it to finish", |d| {
+        full_passes(d) >= 2
+    });
+    let before = full_passes(&d);
+    drop_order_atomically(&w, "O-3", "cecilia", "wim");
+    d.wait_for("cecilia granted", |_| {
+        w.members(WIM_GROUP).contains(&cecilia)
+    });
+    assert_eq!(full_passes(&d), before, "not a quick grant:\n{}", d.log());
+    let m = w.members(WIM_GROUP);
+    assert!(
+        m.contains(&anna) && m.contains(&bertil),
+        "the brake let go: {m:?}"
+    );
+    assert_eq!(d.terminate(), Some(0), "{}", d.log());
+    expect_exit(&w.run(&["audit", "verify"]), 0);
+}
+
 #[test]
 fn daemon_rides_out_a_directory_outage() {
     let (mut w, port) = world();

@@ -898,7 +898,8 @@ fn daemon_asks_each_pair_once_per_ttl_and_waits_out_throttling() {
     };
     let passes = |d: &Running| d.log().matches("reconcile finished").count();
 
-    // Each new order is one pass; only the new pair is asked about.
+    // Each new order: only the new pair is asked about (by the quick pass; the full pass that
+    // follows finds it in the cache).
     for (i, user) in ["bertil", "cecilia"].iter().enumerate() {
         f.take_seen();
         let before = passes(&d);
