@@ -143,6 +143,11 @@ async fn observe_scoped(
         last_good,
         &mut caches.orders,
     )?;
+    tracing::debug!(
+        orders = scan.orders.len(),
+        invalid = scan.invalid.len(),
+        "order files read"
+    );
     for bad in &scan.invalid {
         tracing::warn!(
             file = %bad.file,
@@ -171,6 +176,9 @@ async fn observe_scoped(
     unknown.dedup();
     if unknown.len() >= MEMBER_OF_THRESHOLD && config.ldap.member_attribute.holds_dns() {
         resolve_through_member_of(config, dir, &mut unknown, &mut caches.users).await;
+    }
+    if unknown.len() >= SCAN_THRESHOLD {
+        resolve_by_scan(dir, &mut unknown, &mut caches.users).await;
     }
     for (user, lookup) in dir.resolve_users(&unknown).await {
         if !matches!(lookup, UserLookup::Failed { .. }) {
@@ -275,6 +283,54 @@ const LEDGER_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_s
 /// `memberOf`, one search per group ([`Directory::members_by_member_of`]); below it, the batched
 /// lookups are cheaper.
 const MEMBER_OF_THRESHOLD: usize = 1000;
+
+/// From this many users still to look up, one search for every entry the user filter matches
+/// ([`Directory::scan_users`]) is tried first; it gives up when the directory answers with
+/// more than [`SCAN_LIMIT_FACTOR`] times as many entries.
+const SCAN_THRESHOLD: usize = 2000;
+const SCAN_LIMIT_FACTOR: usize = 3;
+
+/// Resolves every `unknown` user with one search over the user base, if the directory holds
+/// not many more people than that; a failed or abandoned scan leaves them to the batched
+/// lookups.
+async fn resolve_by_scan(
+    dir: &mut Directory,
+    unknown: &mut Vec<String>,
+    found: &mut HashMap<String, UserLookup>,
+) {
+    let entries = match dir.scan_users(unknown.len() * SCAN_LIMIT_FACTOR).await {
+        Ok(Some(entries)) => entries,
+        Ok(None) => {
+            tracing::debug!(
+                users = unknown.len(),
+                "user scan not used: the user base holds many more entries"
+            );
+            return;
+        }
+        Err(e) => {
+            tracing::warn!("user scan failed, looking users up one batch at a time: {e}");
+            return;
+        }
+    };
+    tracing::debug!(
+        resolved = unknown.len(),
+        entries = entries.len(),
+        "users resolved by one scan of the user base"
+    );
+    for user in unknown.drain(..) {
+        let dns = entries.get(&user.trim().to_lowercase());
+        let lookup = match dns.map(|d| (d.len(), d.iter().next())) {
+            None | Some((_, None)) => UserLookup::NotFound,
+            Some((1, Some((dn, (account, mail))))) => UserLookup::Found {
+                dn: dn.clone(),
+                account: Some(account.clone()),
+                mail: mail.clone(),
+            },
+            Some((count, Some(_))) => UserLookup::Ambiguous { count },
+        };
+        found.insert(user, lookup);
+    }
+}
 
 /// Resolves the `unknown` users that are members of a configured group with one search per group
 /// and removes them from `unknown`. A failed search only leaves its users to the batched lookup.

@@ -43,20 +43,54 @@ impl Directory {
                 vec![key.clone(), MAIL_ATTRIBUTE.to_string()],
             )
             .await?;
-        let mut out: MemberEntries = HashMap::new();
-        for entry in entries {
-            let mail = first_value(&entry, MAIL_ATTRIBUTE);
-            let accounts = entry
-                .attrs
-                .iter()
-                .filter(|(k, _)| k.eq_ignore_ascii_case(&key))
-                .flat_map(|(_, v)| v.iter());
-            for account in accounts {
-                out.entry(fold(account))
-                    .or_default()
-                    .insert(entry.dn.clone(), (account.clone(), mail.clone()));
-            }
-        }
-        Ok(Some(out))
+        Ok(Some(by_account(entries, &key)))
     }
+
+    /// Every entry under `user_base` that the user filter matches for any account — one paged
+    /// search instead of one per [`super::USERS_PER_SEARCH`] names, for a run that must look up
+    /// most of the directory's people (a first run). `None` when the filter has no single
+    /// attribute compared with `{user}`, or when more than `limit` entries match (the search is
+    /// abandoned: the directory holds many more people than there are names to look up). The
+    /// entries are matched to names the way batched lookups match them (the key attribute,
+    /// trimmed and case-folded), so a name no entry answers is not found, and one that several
+    /// entries answer is ambiguous, exactly as a lookup of that name would say.
+    pub async fn scan_users(
+        &mut self,
+        limit: usize,
+    ) -> Result<Option<MemberEntries>, DirectoryError> {
+        let Some(key) = self.key_attribute.clone() else {
+            return Ok(None);
+        };
+        let filter = self.cfg.user_filter.replace("{user}", "*");
+        let base = self.cfg.user_base.clone();
+        let entries = self
+            .paged_search_at_most(
+                &base,
+                Scope::Subtree,
+                &filter,
+                vec![key.clone(), MAIL_ATTRIBUTE.to_string()],
+                limit,
+            )
+            .await?;
+        Ok(entries.map(|entries| by_account(entries, &key)))
+    }
+}
+
+/// Entries by folded account name (the values of the key attribute `key`).
+fn by_account(entries: Vec<ldap3::SearchEntry>, key: &str) -> MemberEntries {
+    let mut out: MemberEntries = HashMap::new();
+    for entry in entries {
+        let mail = first_value(&entry, MAIL_ATTRIBUTE);
+        let accounts = entry
+            .attrs
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(key))
+            .flat_map(|(_, v)| v.iter());
+        for account in accounts {
+            out.entry(fold(account))
+                .or_default()
+                .insert(entry.dn.clone(), (account.clone(), mail.clone()));
+        }
+    }
+    out
 }

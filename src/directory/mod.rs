@@ -368,6 +368,22 @@ impl Directory {
         filter: &str,
         attrs: Vec<String>,
     ) -> Result<Vec<SearchEntry>, DirectoryError> {
+        let entries = self
+            .paged_search_at_most(base, scope, filter, attrs, usize::MAX)
+            .await?;
+        Ok(entries.unwrap_or_default())
+    }
+
+    /// [`Directory::paged_search`] that gives up (abandons the search) and returns `None` as
+    /// soon as more than `limit` entries come back.
+    async fn paged_search_at_most(
+        &mut self,
+        base: &str,
+        scope: Scope,
+        filter: &str,
+        attrs: Vec<String>,
+        limit: usize,
+    ) -> Result<Option<Vec<SearchEntry>>, DirectoryError> {
         let err = |message: String| DirectoryError::Search {
             base: base.to_string(),
             message,
@@ -385,6 +401,12 @@ impl Directory {
             .map_err(|e| err(e.to_string()))?;
         let mut entries = Vec::new();
         while let Some(entry) = stream.next().await.map_err(|e| err(e.to_string()))? {
+            if entries.len() == limit {
+                let _ = stream.finish().await;
+                let id = stream.ldap_handle().last_id();
+                let _ = stream.ldap_handle().abandon(id).await;
+                return Ok(None);
+            }
             entries.push(SearchEntry::construct(entry));
             if entries.len() % page.max(1) as usize == 0 {
                 self.operations += 1;
@@ -397,7 +419,7 @@ impl Directory {
         if result.rc != 0 {
             return Err(err(format!("result code {}: {}", result.rc, result.text)));
         }
-        Ok(entries)
+        Ok(Some(entries))
     }
 
     /// Reads every value of the member attribute of `group`. On Active Directory in explicit

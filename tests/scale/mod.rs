@@ -87,3 +87,85 @@ fn members_are_resolved_through_member_of_and_a_deleted_account_still_loses_acce
     assert_eq!(w.members(WIM_GROUP).len(), 1100);
     let _ = describe;
 }
+
+/// A first run with thousands of users to look up reads the user base once instead of one
+/// search per 500 names, and decides exactly as the lookups would: a name spelt in another case
+/// is the same person, a name no entry has is not found, a name two entries have is ambiguous.
+#[test]
+fn a_first_run_reads_the_user_base_once_and_decides_as_lookups_would() {
+    let w = World::with(slapd_with_member_of(), "", "member", COURSES);
+    let (users, dns) = w.passed_users("s", 2100);
+    for u in &users {
+        w.simple_order(u, u, &["wim"]);
+    }
+    // s00010 twice (another entry with the same uid), s00007 also ordered in capitals, and a
+    // name nobody has.
+    w.slapd.add_ldif(&format!(
+        "dn: cn=Second s00010,ou=people,{base}\nobjectClass: inetOrgPerson\ncn: Second s00010\nsn: x\nuid: s00010\n",
+        base = w.slapd.base()
+    ));
+    w.simple_order("upper", "S00007", &["wim"]);
+    w.simple_order("ghost", "ghost.nobody", &["wim"]);
+
+    let mut cmd = coursegate_command(&w.config, &["apply"]);
+    cmd.env("RUST_LOG", "coursegate=debug")
+        .stdout(Stdio::piped());
+    let out = run_with_timeout(cmd, COURSEGATE_TIMEOUT);
+    // The ambiguous user is on hold.
+    expect_exit(&out, 1);
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        field(
+            &log,
+            "users resolved by one scan of the user base",
+            "resolved"
+        ),
+        2102,
+        "{log}"
+    );
+    assert_eq!(field(&log, "reconcile finished", "granted"), 2099, "{log}");
+    // One scan (three pages of 1,000) instead of five batches of 500 names.
+    assert!(
+        field(&log, "reconcile finished", "ldap_operations") < 15,
+        "{log}"
+    );
+    let members = w.members(WIM_GROUP);
+    assert_eq!(members.len(), 2100, "2099 and the placeholder");
+    assert!(members.contains(&dns[7]) && !members.contains(&dns[10]));
+    let explain = w.run(&["explain", "s00010"]);
+    assert!(
+        String::from_utf8_lossy(&explain.stdout).contains("matches 2 directory entries"),
+        "{}",
+        describe(&explain)
+    );
+    let explain = w.run(&["explain", "ghost.nobody"]);
+    assert!(
+        String::from_utf8_lossy(&explain.stdout).contains("matches no directory entry"),
+        "{}",
+        describe(&explain)
+    );
+}
+
+/// A user base with many more people than names to look up is not read whole: the scan is
+/// abandoned and the names are looked up in batches, with the same result.
+#[test]
+fn a_user_base_much_larger_than_the_orders_is_not_read_whole() {
+    let w = World::with(slapd_with_member_of(), "", "member", COURSES);
+    let (users, _) = w.passed_users("t", 2000);
+    for u in &users {
+        w.simple_order(u, u, &["wim"]);
+    }
+    let others: Vec<(String, String)> = (0..4100)
+        .map(|i| (format!("x{i:05}"), format!("Other {i}")))
+        .collect();
+    let pairs: Vec<(&str, &str)> = others
+        .iter()
+        .map(|(u, c)| (u.as_str(), c.as_str()))
+        .collect();
+    w.slapd.add_users(&pairs);
+    let log = apply_debug(&w);
+    assert!(log.contains("user scan not used"), "{log}");
+    assert!(!log.contains("users resolved by one scan"), "{log}");
+    assert_eq!(field(&log, "reconcile finished", "granted"), 2000, "{log}");
+    assert_eq!(w.members(WIM_GROUP).len(), 2001);
+}
