@@ -224,19 +224,25 @@ async fn observe_scoped(
         );
     }
 
-    let mut read: HashMap<String, std::result::Result<Vec<String>, String>> = HashMap::new();
+    // Each group is read once, however many profiles name it; its members are copied only for
+    // another spelling of the same DN (the decision looks groups up as the config writes them).
+    let mut read_as: HashMap<String, &String> = HashMap::new();
     for profile in config.access.values() {
-        let norm = crate::directory::dn::normalize(&profile.group);
-        if !read.contains_key(&norm) {
-            let members = dir.read_members(&profile.group).await.map_err(|e| {
-                tracing::error!(group = %profile.group, "cannot read group members: {e}");
-                e.to_string()
-            });
-            read.insert(norm.clone(), members);
+        if directory.groups.contains_key(&profile.group) {
+            continue;
         }
-        directory
-            .groups
-            .insert(profile.group.clone(), read[&norm].clone());
+        let norm = crate::directory::dn::normalize(&profile.group);
+        let members = match read_as.get(&norm) {
+            Some(spelling) => directory.groups[*spelling].clone(),
+            None => {
+                read_as.insert(norm, &profile.group);
+                dir.read_members(&profile.group).await.map_err(|e| {
+                    tracing::error!(group = %profile.group, "cannot read group members: {e}");
+                    e.to_string()
+                })
+            }
+        };
+        directory.groups.insert(profile.group.clone(), members);
     }
     Ok(Observed {
         scan,
