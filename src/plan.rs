@@ -806,7 +806,7 @@ lapse_grace = "10d"
     fn order(id: &str, user: &str, access: &[&str]) -> LoadedOrder {
         LoadedOrder {
             file: format!("{id}.toml"),
-            order: Order {
+            order: std::sync::Arc::new(Order {
                 id: id.to_string(),
                 user: user.to_string(),
                 access: access.iter().map(|a| a.to_string()).collect(),
@@ -815,7 +815,7 @@ lapse_grace = "10d"
                 valid_from: None,
                 valid_until: None,
                 note: None,
-            },
+            }),
             last_good: false,
         }
     }
@@ -1087,9 +1087,11 @@ lapse_grace = "10d"
     #[test]
     fn validity_window() {
         let mut future = order("O1", "anna", &["wim"]);
-        future.order.valid_from = Some(now() + chrono::Duration::days(1));
+        std::sync::Arc::make_mut(&mut future.order).valid_from =
+            Some(now() + chrono::Duration::days(1));
         let mut expired = order("O2", "bert", &["wim"]);
-        expired.order.valid_until = Some(now() - chrono::Duration::days(1));
+        std::sync::Arc::make_mut(&mut expired.order).valid_until =
+            Some(now() - chrono::Duration::days(1));
         let mut w = World::new(
             vec![future, expired],
             facts(&[("anna", "Course One", now()), ("bert", "Course One", now())]),
@@ -1358,8 +1360,9 @@ lapse_grace = "10d"
                     USERS[*u],
                     &access.iter().map(|a| PROFILES[*a]).collect::<Vec<_>>(),
                 );
-                o.order.valid_from = (*from > 0).then(|| now() + day * (*from as i32));
-                o.order.valid_until = (*until < 0).then(|| now() + day * (*until as i32));
+                let window = std::sync::Arc::make_mut(&mut o.order);
+                window.valid_from = (*from > 0).then(|| now() + day * (*from as i32));
+                window.valid_until = (*until < 0).then(|| now() + day * (*until as i32));
                 o
             })
             .collect();

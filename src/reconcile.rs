@@ -96,7 +96,7 @@ pub async fn observe(
 /// [`observe`], reusing and refreshing `caches`.
 pub async fn observe_cached(
     config: &Config,
-    last_good: &BTreeMap<String, order::Order>,
+    last_good: &order::LastGood,
     dir: &mut Directory,
     ledger: Ledger,
     now: DateTime<Utc>,
@@ -109,7 +109,7 @@ pub async fn observe_cached(
 /// courses only (`explain USER` reports nothing else, and must not cost a request per order).
 async fn observe_scoped(
     config: &Config,
-    last_good: &BTreeMap<String, order::Order>,
+    last_good: &order::LastGood,
     dir: &mut Directory,
     ledger: Ledger,
     now: DateTime<Utc>,

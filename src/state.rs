@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::MemberAttribute;
 use crate::directory::dn;
-use crate::order::{Order, ParseCache};
+use crate::order::{LastGood, ParseCache};
 use crate::orderers::Acceptances;
 
 #[derive(Debug, thiserror::Error)]
@@ -99,8 +99,8 @@ pub trait StateStore {
     fn load_ledger(&self) -> Result<Option<Ledger>, StateError>;
     fn save_ledger(&self, ledger: &Ledger) -> Result<(), StateError>;
     /// The last valid version of each order file, by file name.
-    fn load_last_good(&self) -> Result<BTreeMap<String, Order>, StateError>;
-    fn save_last_good(&self, orders: &BTreeMap<String, Order>) -> Result<(), StateError>;
+    fn load_last_good(&self) -> Result<LastGood, StateError>;
+    fn save_last_good(&self, orders: &LastGood) -> Result<(), StateError>;
     /// Orders accepted by the orderer check ([`crate::orderers`]).
     fn load_acceptances(&self) -> Result<Acceptances, StateError>;
     fn save_acceptances(&self, acceptances: &Acceptances) -> Result<(), StateError>;
@@ -247,11 +247,11 @@ impl StateStore for FileStore {
         self.save("ledger.json", ledger)
     }
 
-    fn load_last_good(&self) -> Result<BTreeMap<String, Order>, StateError> {
+    fn load_last_good(&self) -> Result<LastGood, StateError> {
         Ok(self.load("last-good-orders.json")?.unwrap_or_default())
     }
 
-    fn save_last_good(&self, orders: &BTreeMap<String, Order>) -> Result<(), StateError> {
+    fn save_last_good(&self, orders: &LastGood) -> Result<(), StateError> {
         self.save("last-good-orders.json", orders)
     }
 
