@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
@@ -185,12 +185,13 @@ impl FileStore {
 
     fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
         let path = self.dir.join(name);
-        // Compact: the ledger of a large region is tens of megabytes, read at every run.
-        let bytes = serde_json::to_vec(value).map_err(|e| StateError::Corrupt {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        write_atomic(&path, &bytes)
+        // Compact: the ledger of a large region is tens of megabytes, read at every run. Written
+        // as it is serialized: a buffer holding all of it was the largest allocation of a run.
+        write_atomic_with(&path, |file| {
+            let mut out = BufWriter::with_capacity(1 << 16, file);
+            serde_json::to_writer(&mut out, value)?;
+            out.flush()
+        })
     }
 }
 
@@ -283,20 +284,28 @@ fn io_err(path: &Path, source: std::io::Error) -> StateError {
 
 /// Replaces `path` with `bytes` so that a crash leaves the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    write_atomic_with(path, |file| file.write_all(bytes))
+}
+
+/// [`write_atomic`] with the content written by `write` to the new file.
+fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> Result<(), StateError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
-    let write = || -> std::io::Result<()> {
+    let replace = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
+        write(&mut f)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         File::open(dir)?.sync_all()
     };
-    write().map_err(|source| {
+    replace().map_err(|source| {
         let _ = std::fs::remove_file(&tmp);
         io_err(path, source)
     })
