@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
@@ -32,12 +33,17 @@ pub struct Order {
     pub note: Option<String>,
 }
 
+/// The last valid version of each order file, by file name. The orders are shared with the
+/// parse cache and the scan that produced them (a large region has tens of thousands).
+pub type LastGood = BTreeMap<String, Arc<Order>>;
+
 /// An order in effect, with the file it came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadedOrder {
     /// File name inside `desired_dir`.
     pub file: String,
-    pub order: Order,
+    /// Shared with the parse cache and the scan's last-good store.
+    pub order: Arc<Order>,
     /// True when the file is currently invalid and this is its last valid version.
     pub last_good: bool,
 }
@@ -63,7 +69,7 @@ pub struct Scan {
     /// The last-good store after this scan: every currently valid file, plus the kept versions
     /// of currently invalid ones. Persisting it is the caller's choice (`apply` does, `plan`
     /// does not).
-    pub last_good: BTreeMap<String, Order>,
+    pub last_good: LastGood,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -539,7 +545,7 @@ pub fn duplicate_ids<'a>(
 pub fn scan(
     dir: &Path,
     is_profile: &dyn Fn(&str) -> bool,
-    previous: &BTreeMap<String, Order>,
+    previous: &LastGood,
 ) -> Result<Scan, ScanError> {
     scan_cached(dir, is_profile, previous, &mut ParseCache::default())
 }
@@ -549,7 +555,7 @@ pub fn scan(
 /// the same. The cache is only valid for one set of profiles: clear it when the config changes.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct ParseCache {
-    entries: BTreeMap<String, (FileStamp, Result<Order, String>)>,
+    entries: BTreeMap<String, (FileStamp, Result<Arc<Order>, String>)>,
     /// Whether a scan added, replaced or dropped an entry since the cache was made or loaded.
     #[serde(skip)]
     changed: bool,
@@ -616,7 +622,7 @@ impl ParseCache {
             let stamp = FileStamp::of(&path)?;
             let fresh = matches!(self.entries.get(name), Some((then, _)) if *then == stamp);
             if !fresh {
-                let result = load_file(&path, is_profile);
+                let result = load_file(&path, is_profile).map(Arc::new);
                 self.entries.insert(name.clone(), (stamp, result));
                 self.changed = true;
             }
@@ -678,14 +684,14 @@ impl FileStamp {
 pub fn scan_cached(
     dir: &Path,
     is_profile: &dyn Fn(&str) -> bool,
-    previous: &BTreeMap<String, Order>,
+    previous: &LastGood,
     cache: &mut ParseCache,
 ) -> Result<Scan, ScanError> {
     let read_err = |source| ScanError::ReadDir {
         path: dir.to_path_buf(),
         source,
     };
-    let mut parsed: Vec<(String, Result<Order, String>)> = Vec::new();
+    let mut parsed: Vec<(String, Result<Arc<Order>, String>)> = Vec::new();
     let mut scan = Scan::default();
     for entry in std::fs::read_dir(dir).map_err(read_err)? {
         let entry = entry.map_err(read_err)?;
@@ -706,7 +712,7 @@ pub fn scan_cached(
         let result = match (stamp, cache.entries.get(&name)) {
             (Some(now), Some((then, result))) if now == *then => result.clone(),
             _ => {
-                let result = load_file(&path, is_profile);
+                let result = load_file(&path, is_profile).map(Arc::new);
                 if let Some(stamp) = stamp {
                     cache.entries.insert(name.clone(), (stamp, result.clone()));
                     cache.changed = true;
@@ -750,7 +756,7 @@ pub fn scan_cached(
                     scan.last_good.insert(name.clone(), order.clone());
                     scan.orders.push(LoadedOrder {
                         file: name.clone(),
-                        order: order.clone(),
+                        order: Arc::clone(order),
                         last_good: true,
                     });
                 }

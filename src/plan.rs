@@ -8,6 +8,7 @@
 //! (LMS down, lookup failed, ambiguous user) keep everything as it is. Finally the revocation
 //! brake may hold back every revocation of the run.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chrono::{DateTime, Utc};
@@ -297,12 +298,19 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             .or_default()
             .push(name);
     }
-    let group_members: HashMap<String, Result<BTreeSet<String>, String>> = config
+    // Member values are mostly in normal form already: those are borrowed, not copied.
+    let group_members: HashMap<String, Result<BTreeSet<Cow<str>>, String>> = config
         .access
         .values()
         .map(|p| {
             let members = match input.directory.groups.get(&p.group) {
-                Some(Ok(values)) => Ok(values.iter().map(|v| member_key(v, attr)).collect()),
+                Some(Ok(values)) => Ok(values
+                    .iter()
+                    .map(|v| match member_key(v, attr) {
+                        k if k == *v => Cow::Borrowed(v.as_str()),
+                        k => Cow::Owned(k),
+                    })
+                    .collect()),
                 Some(Err(e)) => Err(e.clone()),
                 None => Err("group members were not read".to_string()),
             };
@@ -311,12 +319,12 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .collect();
 
     // (user, profile) -> the orders naming it.
-    let mut pairs: BTreeMap<(String, String), Vec<&LoadedOrder>> = BTreeMap::new();
+    let mut pairs: BTreeMap<(&str, &str), Vec<&LoadedOrder>> = BTreeMap::new();
     for o in input.orders {
         for access in &o.order.access {
             if config.access.contains_key(access) {
                 pairs
-                    .entry((o.order.user.clone(), access.clone()))
+                    .entry((o.order.user.as_str(), access.as_str()))
                     .or_default()
                     .push(o);
             }
@@ -324,8 +332,9 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
 
     // Membership keys something still keeps, and (user, group) pairs on hold whose member value
-    // is unknown: nothing of theirs may be revoked.
-    let mut kept: BTreeSet<String> = BTreeSet::new();
+    // is unknown: nothing of theirs may be revoked. `kept` borrows the ledger's copy of a key
+    // where coursegate owns the membership (most pairs of a large region).
+    let mut kept: BTreeSet<Cow<str>> = BTreeSet::new();
     let mut held_users: BTreeSet<(String, String)> = BTreeSet::new();
     let mut grants: BTreeMap<String, Change> = BTreeMap::new();
     let mut lapse_revokes: BTreeMap<String, (String, String)> = BTreeMap::new();
@@ -340,15 +349,16 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .collect();
     let mut member_keys: HashMap<&str, String> = HashMap::new();
 
-    for ((user, access), orders) in &pairs {
+    out.decisions.reserve_exact(pairs.len());
+    for (&(user, access), orders) in &pairs {
         let profile = &config.access[access];
-        let group_norm = profile_group_norm[access.as_str()].clone();
+        let group_norm = profile_group_norm[access].clone();
         let mut order_ids: Vec<String> = orders.iter().map(|o| o.order.id.clone()).collect();
         order_ids.sort();
         order_ids.dedup();
         let mut decision = Decision {
-            user: user.clone(),
-            access: access.clone(),
+            user: user.to_string(),
+            access: access.to_string(),
             decision: DecisionKind::Wait,
             reason: String::new(),
             orders: order_ids,
@@ -360,16 +370,23 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         let mkey: Option<&String> = match &member_value {
             Some(m) => Some(
                 member_keys
-                    .entry(user.as_str())
+                    .entry(user)
                     .or_insert_with(|| member_key(m, attr)),
             ),
             None => None,
         };
         let key = mkey.map(|m| format!("{group_norm}\u{1f}{m}"));
-        let owned = key.as_ref().and_then(|k| input.ledger.owned.get(k));
+        let owned_entry = key
+            .as_ref()
+            .and_then(|k| input.ledger.owned.get_key_value(k));
+        let owned = owned_entry.map(|(_, o)| o);
+        let kept_key = |k: &String| match owned_entry {
+            Some((ledger_key, _)) => Cow::Borrowed(ledger_key.as_str()),
+            None => Cow::Owned(k.clone()),
+        };
         let members = &group_members[&group_norm];
         decision.member = match (mkey, members) {
-            (Some(m), Ok(set)) => Some(set.contains(m)),
+            (Some(m), Ok(set)) => Some(set.contains(m.as_str())),
             _ => None,
         };
 
@@ -390,7 +407,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 decision.decision = DecisionKind::Hold;
                 decision.reason = format!("whether the orderer may order is unknown: {reason}");
                 if let Some(k) = &key {
-                    kept.insert(k.clone());
+                    kept.insert(kept_key(k));
                 }
                 held_users.insert((user.to_lowercase(), group_norm.clone()));
             } else {
@@ -404,7 +421,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                     "the order is not in effect: {}",
                     reasons.into_iter().collect::<Vec<_>>().join("; ")
                 );
-                lost_reason.insert((user.clone(), group_norm.clone()), reason.clone());
+                lost_reason.insert((user.to_string(), group_norm.clone()), reason.clone());
                 decision.decision = DecisionKind::Unauthorized;
                 decision.reason = reason;
             }
@@ -423,7 +440,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 ),
                 None => "the order has expired".to_string(),
             };
-            lost_reason.insert((user.clone(), group_norm.clone()), reason.clone());
+            lost_reason.insert((user.to_string(), group_norm.clone()), reason.clone());
             decision.reason = reason;
             decision.decision = if future.is_some() {
                 DecisionKind::Wait
@@ -458,7 +475,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             }
             Some(UserLookup::NotFound) => {
                 let reason = "the user filter matches no directory entry".to_string();
-                lost_reason.insert((user.clone(), group_norm.clone()), reason.clone());
+                lost_reason.insert((user.to_string(), group_norm.clone()), reason.clone());
                 decision.decision = DecisionKind::Wait;
                 decision.reason = reason;
                 out.decisions.push(decision);
@@ -473,7 +490,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         if let Err(e) = members {
             decision.decision = DecisionKind::Hold;
             decision.reason = format!("members of {} could not be read: {e}", profile.group);
-            kept.insert(key);
+            kept.insert(kept_key(&key));
             out.decisions.push(decision);
             continue;
         }
@@ -483,13 +500,13 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         if !check.unknown.is_empty() {
             decision.decision = DecisionKind::Hold;
             decision.reason = format!("course result unknown: {}", check.unknown.join("; "));
-            kept.insert(key);
+            kept.insert(kept_key(&key));
             out.decisions.push(decision);
             continue;
         }
         if check.missing.is_empty() {
             decision.decision = DecisionKind::Grant;
-            kept.insert(key.clone());
+            kept.insert(kept_key(&key));
             if let Some(o) = owned
                 && o.lapse_since.is_some()
             {
@@ -505,13 +522,13 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 decision.reason = "all courses passed; will be added to the group".to_string();
                 grants.entry(key).or_insert_with(|| Change {
                     action: Action::Grant,
-                    user: user.clone(),
+                    user: user.to_string(),
                     user_dn: match lookup {
                         Some(UserLookup::Found { dn, .. }) => Some(dn.clone()),
                         _ => None,
                     },
                     member: member_value,
-                    access: access.clone(),
+                    access: access.to_string(),
                     group: profile.group.clone(),
                     order: Some(first.order.id.clone()),
                     ticket: first.order.ticket.clone(),
@@ -554,7 +571,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                             "course requirement lapsed ({missing}); kept (revoke_on_lapse is off)"
                         )
                     };
-                    kept.insert(key);
+                    kept.insert(kept_key(&key));
                 }
             }
             None => {
@@ -580,7 +597,9 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             ));
             continue;
         }
-        if kept.contains(key) || held_users.contains(&(o.user.to_lowercase(), group_norm.clone())) {
+        if kept.contains(key.as_str())
+            || held_users.contains(&(o.user.to_lowercase(), group_norm.clone()))
+        {
             continue;
         }
         let members = match &group_members[&group_norm] {
@@ -593,7 +612,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 continue;
             }
         };
-        if !members.contains(&member_key(&o.member, attr)) {
+        if !members.contains(member_key(&o.member, attr).as_str()) {
             out.forget.push(key.clone());
             out.notes.push(format!(
                 "{} was already removed from {} outside coursegate; forgetting it",
@@ -662,7 +681,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             .map(|ph| member_key(ph, attr));
         for value in values {
             let key = membership_key(&p.group, value, attr);
-            if kept.contains(&key)
+            if kept.contains(key.as_str())
                 || input.ledger.owned.contains_key(&key)
                 || placeholder.as_deref() == Some(member_key(value, attr).as_str())
                 || revokes.iter().any(|r| r.key(attr) == key)
@@ -703,8 +722,12 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     } else {
         out.changes.extend(revokes);
     }
-    out.decisions
-        .sort_by(|a, b| (&a.user, &a.access).cmp(&(&b.user, &b.access)));
+    // The pairs' decisions come in order; only revocations appended after them need a sort,
+    // whose scratch space would be as large as the decisions themselves.
+    let by_pair = |a: &Decision, b: &Decision| (&a.user, &a.access).cmp(&(&b.user, &b.access));
+    if !out.decisions.is_sorted_by(|a, b| by_pair(a, b).is_le()) {
+        out.decisions.sort_by(by_pair);
+    }
     out
 }
 
@@ -814,7 +837,7 @@ lapse_grace = "10d"
     fn order(id: &str, user: &str, access: &[&str]) -> LoadedOrder {
         LoadedOrder {
             file: format!("{id}.toml"),
-            order: Order {
+            order: std::sync::Arc::new(Order {
                 id: id.to_string(),
                 user: user.to_string(),
                 access: access.iter().map(|a| a.to_string()).collect(),
@@ -823,7 +846,7 @@ lapse_grace = "10d"
                 valid_from: None,
                 valid_until: None,
                 note: None,
-            },
+            }),
             last_good: false,
         }
     }
@@ -1095,9 +1118,11 @@ lapse_grace = "10d"
     #[test]
     fn validity_window() {
         let mut future = order("O1", "anna", &["wim"]);
-        future.order.valid_from = Some(now() + chrono::Duration::days(1));
+        std::sync::Arc::make_mut(&mut future.order).valid_from =
+            Some(now() + chrono::Duration::days(1));
         let mut expired = order("O2", "bert", &["wim"]);
-        expired.order.valid_until = Some(now() - chrono::Duration::days(1));
+        std::sync::Arc::make_mut(&mut expired.order).valid_until =
+            Some(now() - chrono::Duration::days(1));
         let mut w = World::new(
             vec![future, expired],
             facts(&[("anna", "Course One", now()), ("bert", "Course One", now())]),
@@ -1366,8 +1391,9 @@ lapse_grace = "10d"
                     USERS[*u],
                     &access.iter().map(|a| PROFILES[*a]).collect::<Vec<_>>(),
                 );
-                o.order.valid_from = (*from > 0).then(|| now() + day * (*from as i32));
-                o.order.valid_until = (*until < 0).then(|| now() + day * (*until as i32));
+                let window = std::sync::Arc::make_mut(&mut o.order);
+                window.valid_from = (*from > 0).then(|| now() + day * (*from as i32));
+                window.valid_until = (*until < 0).then(|| now() + day * (*until as i32));
                 o
             })
             .collect();

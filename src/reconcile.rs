@@ -58,7 +58,7 @@ pub struct Caches {
     /// them; the next full pass or the daemon's shutdown saves the ledger).
     ledger_unsaved: bool,
     /// The last-good store as saved (the daemon holds the state lock, like for the ledger).
-    last_good: Option<BTreeMap<String, order::Order>>,
+    last_good: Option<order::LastGood>,
 }
 
 impl Caches {
@@ -116,7 +116,7 @@ pub async fn observe(
 /// [`observe`], reusing and refreshing `caches`.
 pub async fn observe_cached(
     config: &Config,
-    last_good: &BTreeMap<String, order::Order>,
+    last_good: &order::LastGood,
     dir: &mut Directory,
     ledger: Ledger,
     now: DateTime<Utc>,
@@ -129,7 +129,7 @@ pub async fn observe_cached(
 /// courses only (`explain USER` reports nothing else, and must not cost a request per order).
 async fn observe_scoped(
     config: &Config,
-    last_good: &BTreeMap<String, order::Order>,
+    last_good: &order::LastGood,
     dir: &mut Directory,
     ledger: Ledger,
     now: DateTime<Utc>,
@@ -252,19 +252,25 @@ async fn observe_scoped(
         );
     }
 
-    let mut read: HashMap<String, std::result::Result<Vec<String>, String>> = HashMap::new();
+    // Each group is read once, however many profiles name it; its members are copied only for
+    // another spelling of the same DN (the decision looks groups up as the config writes them).
+    let mut read_as: HashMap<String, &String> = HashMap::new();
     for profile in config.access.values() {
-        let norm = crate::directory::dn::normalize(&profile.group);
-        if !read.contains_key(&norm) {
-            let members = dir.read_members(&profile.group).await.map_err(|e| {
-                tracing::error!(group = %profile.group, "cannot read group members: {e}");
-                e.to_string()
-            });
-            read.insert(norm.clone(), members);
+        if directory.groups.contains_key(&profile.group) {
+            continue;
         }
-        directory
-            .groups
-            .insert(profile.group.clone(), read[&norm].clone());
+        let norm = crate::directory::dn::normalize(&profile.group);
+        let members = match read_as.get(&norm) {
+            Some(spelling) => directory.groups[*spelling].clone(),
+            None => {
+                read_as.insert(norm, &profile.group);
+                dir.read_members(&profile.group).await.map_err(|e| {
+                    tracing::error!(group = %profile.group, "cannot read group members: {e}");
+                    e.to_string()
+                })
+            }
+        };
+        directory.groups.insert(profile.group.clone(), members);
     }
     Ok(Observed {
         scan,

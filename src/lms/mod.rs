@@ -23,6 +23,7 @@ pub mod xlsx;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 
@@ -46,11 +47,12 @@ pub enum CourseResult {
 }
 
 /// Everything the LMS said in one read: a report snapshot, or the answers of an HTTP platform
-/// to the pairs that were asked.
+/// to the pairs that were asked. Cloning is cheap: the answers are shared, so a daemon can keep
+/// a report's facts between passes and hand each pass the same ones.
 #[derive(Debug, Clone)]
 pub struct CourseFacts {
     source: String,
-    state: FactsState,
+    state: Arc<FactsState>,
     problems: Vec<String>,
     stats: ReadStats,
 }
@@ -113,7 +115,7 @@ impl CourseFacts {
         }
         CourseFacts {
             source: source.into(),
-            state: FactsState::Report { passed, unreadable },
+            state: Arc::new(FactsState::Report { passed, unreadable }),
             problems,
             stats,
         }
@@ -125,7 +127,7 @@ impl CourseFacts {
         CourseFacts {
             source: source.into(),
             problems: vec![reason.clone()],
-            state: FactsState::Unavailable { reason },
+            state: Arc::new(FactsState::Unavailable { reason }),
             stats: ReadStats {
                 errors: BTreeMap::from([("unavailable".to_string(), 1)]),
                 ..ReadStats::default()
@@ -145,10 +147,10 @@ impl CourseFacts {
     ) -> Self {
         CourseFacts {
             source: source.into(),
-            state: FactsState::Answers {
+            state: Arc::new(FactsState::Answers {
                 answers,
                 unavailable,
-            },
+            }),
             problems,
             stats,
         }
@@ -156,7 +158,7 @@ impl CourseFacts {
 
     /// The three-valued answer for `user` and the course called `lms_id` in the LMS.
     pub fn result(&self, user: &str, lms_id: &str) -> CourseResult {
-        match &self.state {
+        match &*self.state {
             FactsState::Unavailable { reason } => CourseResult::Unknown {
                 reason: format!("{}: {reason}", self.source),
             },
@@ -187,7 +189,7 @@ impl CourseFacts {
 
     /// Whether the whole source was unreadable (a report), or the platform failed as a whole.
     pub fn is_unavailable(&self) -> bool {
-        match &self.state {
+        match &*self.state {
             FactsState::Unavailable { .. } => true,
             FactsState::Report { .. } => false,
             FactsState::Answers { unavailable, .. } => *unavailable,
