@@ -25,9 +25,9 @@ cd "$repo"
 source "$repo/scripts/lib.sh"
 cg_ensure_packages
 if ! /usr/bin/python3 -c 'import ldap3' 2>/dev/null; then
-  echo "Installing python3-ldap3 (the per-user script's LDAP library)"
-  cg_as_root apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive cg_as_root apt-get install -y -qq --no-install-recommends python3-ldap3
+  echo "Installing python3-ldap3 (the per-user script's LDAP library)" >&2
+  cg_as_root apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive cg_as_root apt-get install -y -qq --no-install-recommends python3-ldap3 >&2
 fi
 cargo build --release --quiet
 bin="$repo/target/release/coursegate"

@@ -59,6 +59,9 @@ pub struct Caches {
     ledger_unsaved: bool,
     /// The last-good store as saved (the daemon holds the state lock, like for the ledger).
     last_good: Option<order::LastGood>,
+    /// Whether `last_good` holds files of quick passes that are not saved yet (saved by the
+    /// next full pass, at SIGTERM or SIGHUP).
+    last_good_unsaved: bool,
 }
 
 impl Caches {
@@ -67,11 +70,16 @@ impl Caches {
         self.ledger = Some(ledger);
     }
 
-    /// Saves a ledger that quick passes changed (the daemon's shutdown).
-    pub fn save_unsaved_ledger(&mut self, store: &impl StateStore) -> Result<()> {
+    /// Saves the ledger and the last-good store if quick passes changed them (the daemon's
+    /// shutdown and reload).
+    pub fn save_unsaved(&mut self, store: &impl StateStore) -> Result<()> {
         if let Some(ledger) = self.ledger.as_ref().filter(|_| self.ledger_unsaved) {
             store.save_ledger(ledger)?;
             self.ledger_unsaved = false;
+        }
+        if let Some(last_good) = self.last_good.as_ref().filter(|_| self.last_good_unsaved) {
+            store.save_last_good(last_good)?;
+            self.last_good_unsaved = false;
         }
         Ok(())
     }
@@ -96,6 +104,7 @@ impl Caches {
             ledger: self.ledger.take(),
             ledger_unsaved: self.ledger_unsaved,
             last_good: self.last_good.take(),
+            last_good_unsaved: self.last_good_unsaved,
             ..Caches::default()
         };
     }
@@ -897,10 +906,14 @@ pub async fn pass(
         store.save_ledger(&ledger)?;
     }
     let recovered = recover(config, store, audit, dir, &mut ledger, now).await?;
+    let last_good_unsaved = std::mem::take(&mut caches.last_good_unsaved);
     let last_good_before = match caches.last_good.take() {
         Some(kept) => kept,
         None => store.load_last_good()?,
     };
+    if last_good_unsaved {
+        store.save_last_good(&last_good_before)?;
+    }
     tracing::debug!(ms = clock.elapsed().as_millis(), "state loaded");
     let mut observed = observe_cached(config, &last_good_before, dir, ledger, now, caches).await?;
     observed.gates = crate::orderers::check(
@@ -1173,23 +1186,20 @@ pub async fn quick_pass(
             platform: platform_facts.map(Box::new),
         });
     }
-    // The files granted from become last-good versions before the grant, as a full pass
-    // records them: if such a file turns invalid later, what it granted stays in effect.
-    let mut last_good = match caches.last_good.take() {
-        Some(kept) => kept,
-        None => store.load_last_good()?,
-    };
-    let mut recorded = false;
+    // The files granted from become last-good versions, as a full pass records them: if such
+    // a file turns invalid later, what it granted stays in effect. Kept in memory and saved by
+    // the next full pass (rewriting every order's last version for each new one would cost
+    // more than the order itself).
+    if caches.last_good.is_none() {
+        caches.last_good = Some(store.load_last_good()?);
+    }
+    let last_good = caches.last_good.as_mut().expect("just loaded");
     for o in orders.iter().filter(|o| files.contains(&o.file)) {
         if last_good.get(&o.file) != Some(&o.order) {
             last_good.insert(o.file.clone(), o.order.clone());
-            recorded = true;
+            caches.last_good_unsaved = true;
         }
     }
-    if recorded {
-        store.save_last_good(&last_good)?;
-    }
-    caches.last_good = Some(last_good);
     let ledger = caches.ledger.as_mut().expect("checked above");
     match apply_plan(config, store, audit, dir, ledger, &grants, now).await {
         Ok(applied) => {

@@ -324,7 +324,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
         // Undelivered messages stay in the outbox for the next start.
         w.abort();
     }
-    if let Err(e) = d.caches.save_unsaved_ledger(&d.store) {
+    if let Err(e) = d.caches.save_unsaved(&d.store) {
         tracing::error!(
             "cannot save the ledger (the next start recovers it from the audit log): {e}"
         );
@@ -385,7 +385,7 @@ impl Daemon {
                 {
                     tracing::warn!("[notify] and [ticket] changes take effect after a restart");
                 }
-                if let Err(e) = self.caches.save_unsaved_ledger(&self.store) {
+                if let Err(e) = self.caches.save_unsaved(&self.store) {
                     tracing::error!(
                         "cannot save the ledger (the next pass recovers it from the audit log): {e}"
                     );

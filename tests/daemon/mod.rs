@@ -356,6 +356,38 @@ fn a_dropped_order_is_granted_by_a_quick_pass_and_settled_by_a_full_one() {
     );
 }
 
+/// What a quick pass granted from is a last-good version at once: SIGTERM before the full pass
+/// saves it, so a file broken afterwards keeps its grant in effect.
+#[test]
+fn a_quick_grant_keeps_its_last_good_order_across_sigterm() {
+    let (w, port) = world();
+    let anna = w.slapd.add_user("anna", "Anna");
+    w.results(&["anna;Wim grundkurs;true;2026-11-01"]);
+    let full_passes = |d: &Running| d.log().matches("reconcile finished").count();
+    let mut d = Running::spawn(&w, port);
+    d.wait_for("the first pass", |d| full_passes(d) == 1);
+    drop_order_atomically(&w, "O-1", "anna", "wim");
+    d.wait_for("anna granted", |_| w.members(WIM_GROUP).contains(&anna));
+    assert_eq!(d.terminate(), Some(0), "{}", d.log());
+    assert_eq!(full_passes(&d), 1, "not a quick grant:\n{}", d.log());
+
+    w.order(
+        "O-1.toml",
+        "id = \"O-1\"\nuser = \"anna\"\naccess = [\"wim\"\n",
+    );
+    let out = w.run(&["apply"]);
+    assert!(
+        w.members(WIM_GROUP).contains(&anna),
+        "the broken file's last valid version is not in effect: {}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("last_good_in_effect=true"),
+        "{}",
+        describe(&out)
+    );
+}
+
 /// An engaged revocation brake writes an audit record each full pass; new orders are still
 /// granted by quick passes while the brake holds the revocations.
 #[test]
