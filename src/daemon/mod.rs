@@ -326,7 +326,7 @@ pub async fn run(config_path: &Path, config: Config) -> Result<()> {
     }
     if let Err(e) = d.caches.save_unsaved(&d.store) {
         tracing::error!(
-            "cannot save the ledger (the next start recovers it from the audit log): {e}"
+            "cannot save the ledger and the last-good orders of quick passes (the next start recovers the ledger from the audit log): {e}"
         );
     }
     tracing::info!("stopping: no change in flight, audit log synced");
@@ -387,7 +387,7 @@ impl Daemon {
                 }
                 if let Err(e) = self.caches.save_unsaved(&self.store) {
                     tracing::error!(
-                        "cannot save the ledger (the next pass recovers it from the audit log): {e}"
+                        "cannot save the ledger and the last-good orders of quick passes (the next pass recovers the ledger from the audit log): {e}"
                     );
                 }
                 self.config = new;
