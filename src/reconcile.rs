@@ -333,16 +333,7 @@ async fn resolve_by_scan(
         "users resolved by one scan of the user base"
     );
     for user in unknown.drain(..) {
-        let dns = entries.get(&user.trim().to_lowercase());
-        let lookup = match dns.map(|d| (d.len(), d.iter().next())) {
-            None | Some((_, None)) => UserLookup::NotFound,
-            Some((1, Some((dn, (account, mail))))) => UserLookup::Found {
-                dn: dn.clone(),
-                account: Some(account.clone()),
-                mail: mail.clone(),
-            },
-            Some((count, Some(_))) => UserLookup::Ambiguous { count },
-        };
+        let lookup = crate::directory::lookup(&entries, &user);
         found.insert(user, lookup);
     }
 }
@@ -373,26 +364,13 @@ async fn resolve_through_member_of(
                 continue;
             }
         };
-        unknown.retain(|user| {
-            let key = user.trim().to_lowercase();
-            let only = entries
-                .get(&key)
-                .filter(|dns| dns.len() == 1)
-                .and_then(|dns| dns.iter().next());
-            match only {
-                Some((dn, (account, mail))) => {
-                    found.insert(
-                        user.clone(),
-                        UserLookup::Found {
-                            dn: dn.clone(),
-                            account: Some(account.clone()),
-                            mail: mail.clone(),
-                        },
-                    );
-                    false
-                }
-                None => true,
+        // Only members found once are settled here; the rest are looked up by name.
+        unknown.retain(|user| match crate::directory::lookup(&entries, user) {
+            found_once @ UserLookup::Found { .. } => {
+                found.insert(user.clone(), found_once);
+                false
             }
+            _ => true,
         });
     }
     tracing::debug!(

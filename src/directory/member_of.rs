@@ -17,6 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use ldap3::Scope;
 
 use super::{Directory, DirectoryError, MAIL_ATTRIBUTE, dn, first_value, fold};
+use crate::plan::UserLookup;
 
 /// Entries found through `memberOf`: folded account name -> DN -> (account, mail).
 pub type MemberEntries = HashMap<String, BTreeMap<String, (String, Option<String>)>>;
@@ -29,39 +30,39 @@ impl Directory {
         &mut self,
         group: &str,
     ) -> Result<Option<MemberEntries>, DirectoryError> {
-        let Some(key) = self.key_attribute.clone() else {
-            return Ok(None);
-        };
-        let any_user = self.cfg.user_filter.replace("{user}", "*");
-        let filter = format!("(&{any_user}(memberOf={}))", dn::escape_filter_value(group));
-        let base = self.cfg.user_base.clone();
-        let entries = self
-            .paged_search(
-                &base,
-                Scope::Subtree,
-                &filter,
-                vec![key.clone(), MAIL_ATTRIBUTE.to_string()],
-            )
-            .await?;
-        Ok(Some(by_account(entries, &key)))
+        let member_of = format!("(memberOf={})", dn::escape_filter_value(group));
+        self.accounts_matching(&member_of, usize::MAX).await
     }
 
     /// Every entry under `user_base` that the user filter matches for any account — one paged
     /// search instead of one per [`super::USERS_PER_SEARCH`] names, for a run that must look up
     /// most of the directory's people (a first run). `None` when the filter has no single
     /// attribute compared with `{user}`, or when more than `limit` entries match (the search is
-    /// abandoned: the directory holds many more people than there are names to look up). The
-    /// entries are matched to names the way batched lookups match them (the key attribute,
-    /// trimmed and case-folded), so a name no entry answers is not found, and one that several
-    /// entries answer is ambiguous, exactly as a lookup of that name would say.
+    /// abandoned: the directory holds many more people than there are names to look up). Names
+    /// are matched to the entries with [`lookup`], as batched lookups match them.
     pub async fn scan_users(
         &mut self,
+        limit: usize,
+    ) -> Result<Option<MemberEntries>, DirectoryError> {
+        self.accounts_matching("", limit).await
+    }
+
+    /// The entries the user filter (with `{user}` = `*`, AND-ed with `extra` if not empty)
+    /// matches, by account; `None` without a key attribute or above `limit` entries.
+    async fn accounts_matching(
+        &mut self,
+        extra: &str,
         limit: usize,
     ) -> Result<Option<MemberEntries>, DirectoryError> {
         let Some(key) = self.key_attribute.clone() else {
             return Ok(None);
         };
-        let filter = self.cfg.user_filter.replace("{user}", "*");
+        let any_user = self.cfg.user_filter.replace("{user}", "*");
+        let filter = if extra.is_empty() {
+            any_user
+        } else {
+            format!("(&{any_user}{extra})")
+        };
         let base = self.cfg.user_base.clone();
         let entries = self
             .paged_search_at_most(
@@ -73,6 +74,21 @@ impl Directory {
             )
             .await?;
         Ok(entries.map(|entries| by_account(entries, &key)))
+    }
+}
+
+/// What `entries` say about the name `user`, as a lookup of that name would: no entry is not
+/// found, one is found, several are ambiguous (names compared trimmed and case-folded).
+pub fn lookup(entries: &MemberEntries, user: &str) -> UserLookup {
+    let dns = entries.get(&fold(user));
+    match dns.map(|d| (d.len(), d.iter().next())) {
+        None | Some((_, None)) => UserLookup::NotFound,
+        Some((1, Some((dn, (account, mail))))) => UserLookup::Found {
+            dn: dn.clone(),
+            account: Some(account.clone()),
+            mail: mail.clone(),
+        },
+        Some((count, Some(_))) => UserLookup::Ambiguous { count },
     }
 }
 

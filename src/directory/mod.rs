@@ -20,7 +20,7 @@ mod explain;
 mod member_of;
 pub mod range;
 
-pub use member_of::MemberEntries;
+pub use member_of::{MemberEntries, lookup};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
