@@ -13,7 +13,7 @@
 #   3. daemon latency: order file renamed into place -> membership visible, over 100 drops, with
 #      all N orders loaded;
 #   4. peak RSS (VmHWM) of `coursegate run` with all orders loaded (run as the systemd unit
-#      runs it, with MALLOC_ARENA_MAX=2).
+#      runs it, with MIMALLOC_PURGE_DELAY=0).
 #
 # Prints Markdown for BENCHMARKS.md. Not part of the test suite.
 #
@@ -161,7 +161,7 @@ PY
 
   # (d) The daemon: latency of single drops with everything loaded, and its peak RSS.
   # With the environment systemd/coursegate.service gives it.
-  RUST_LOG=warn MALLOC_ARENA_MAX=2 "$bin" -c "$work/coursegate.toml" run 2>"$work/daemon.log" &
+  RUST_LOG=warn MIMALLOC_PURGE_DELAY=0 "$bin" -c "$work/coursegate.toml" run 2>"$work/daemon.log" &
   daemon_pid=$!
   export CG_SLAPD_URL CG_ADMIN_DN CG_ADMIN_PASSWORD
   latency=$(/usr/bin/python3 - "$work" "$((n + extra))" "$drops" <<'PY'
