@@ -220,6 +220,7 @@ fn check_courses(
     user: &str,
     facts: &CourseFacts,
     now: DateTime<Utc>,
+    with_evidence: bool,
 ) -> CourseCheck {
     let mut check = CourseCheck {
         evidence: Vec::new(),
@@ -252,7 +253,7 @@ fn check_courses(
                         at.format("%Y-%m-%d"),
                         humantime::format_duration(course.valid_for.unwrap_or_default())
                     ));
-                } else {
+                } else if with_evidence {
                     check.evidence.push(Evidence {
                         course: key.clone(),
                         passed_at: format_passed_at(at),
@@ -271,8 +272,13 @@ fn check_courses(
 }
 
 fn format_passed_at(at: DateTime<Utc>) -> String {
+    use chrono::Datelike as _;
     if at.time() == chrono::NaiveTime::MIN {
-        at.format("%Y-%m-%d").to_string()
+        // What `%Y-%m-%d` writes, without parsing the format for each of 60,000 grants.
+        match at.year() {
+            year @ 0..=9999 => format!("{year:04}-{:02}-{:02}", at.month(), at.day()),
+            _ => at.format("%Y-%m-%d").to_string(),
+        }
     } else {
         at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
     }
@@ -352,7 +358,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     out.decisions.reserve_exact(pairs.len());
     for (&(user, access), orders) in &pairs {
         let profile = &config.access[access];
-        let group_norm = profile_group_norm[access].clone();
+        let group_norm: &str = &profile_group_norm[access];
         let mut order_ids: Vec<String> = orders.iter().map(|o| o.order.id.clone()).collect();
         order_ids.sort();
         order_ids.dedup();
@@ -384,7 +390,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             Some((ledger_key, _)) => Cow::Borrowed(ledger_key.as_str()),
             None => Cow::Owned(k.clone()),
         };
-        let members = &group_members[&group_norm];
+        let members = &group_members[group_norm];
         decision.member = match (mkey, members) {
             (Some(m), Ok(set)) => Some(set.contains(m.as_str())),
             _ => None,
@@ -409,7 +415,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 if let Some(k) = &key {
                     kept.insert(kept_key(k));
                 }
-                held_users.insert((user.to_lowercase(), group_norm.clone()));
+                held_users.insert((user.to_lowercase(), group_norm.to_string()));
             } else {
                 let reasons: BTreeSet<&str> = gated
                     .iter()
@@ -421,7 +427,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                     "the order is not in effect: {}",
                     reasons.into_iter().collect::<Vec<_>>().join("; ")
                 );
-                lost_reason.insert((user.to_string(), group_norm.clone()), reason.clone());
+                lost_reason.insert((user.to_string(), group_norm.to_string()), reason.clone());
                 decision.decision = DecisionKind::Unauthorized;
                 decision.reason = reason;
             }
@@ -440,7 +446,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 ),
                 None => "the order has expired".to_string(),
             };
-            lost_reason.insert((user.to_string(), group_norm.clone()), reason.clone());
+            lost_reason.insert((user.to_string(), group_norm.to_string()), reason.clone());
             decision.reason = reason;
             decision.decision = if future.is_some() {
                 DecisionKind::Wait
@@ -460,7 +466,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 };
                 decision.decision = DecisionKind::Hold;
                 decision.reason = format!("directory lookup of the user failed: {why}");
-                held_users.insert((user.to_lowercase(), group_norm.clone()));
+                held_users.insert((user.to_lowercase(), group_norm.to_string()));
                 out.decisions.push(decision);
                 continue;
             }
@@ -469,13 +475,13 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 decision.reason = format!(
                     "the user filter matches {count} directory entries; it must match exactly one"
                 );
-                held_users.insert((user.to_lowercase(), group_norm.clone()));
+                held_users.insert((user.to_lowercase(), group_norm.to_string()));
                 out.decisions.push(decision);
                 continue;
             }
             Some(UserLookup::NotFound) => {
                 let reason = "the user filter matches no directory entry".to_string();
-                lost_reason.insert((user.to_string(), group_norm.clone()), reason.clone());
+                lost_reason.insert((user.to_string(), group_norm.to_string()), reason.clone());
                 decision.decision = DecisionKind::Wait;
                 decision.reason = reason;
                 out.decisions.push(decision);
@@ -496,7 +502,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         }
         let is_member = decision.member == Some(true);
 
-        let check = check_courses(config, access, user, input.courses, now);
+        // Evidence goes into a grant's record only: a member is granted nothing.
+        let check = check_courses(config, access, user, input.courses, now, !is_member);
         if !check.unknown.is_empty() {
             decision.decision = DecisionKind::Hold;
             decision.reason = format!("course result unknown: {}", check.unknown.join("; "));
@@ -586,11 +593,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     let mut revokes: Vec<Change> = Vec::new();
     let mut owned_group_norm: HashMap<&str, String> = HashMap::new();
     for (key, o) in &input.ledger.owned {
-        let group_norm = owned_group_norm
+        let group_norm: &str = owned_group_norm
             .entry(o.group.as_str())
-            .or_insert_with(|| dn::normalize(&o.group))
-            .clone();
-        if !group_profiles.contains_key(&group_norm) {
+            .or_insert_with(|| dn::normalize(&o.group));
+        if !group_profiles.contains_key(group_norm) {
             out.notes.push(format!(
                 "{} in {} was granted by coursegate, but the group is no longer configured: left alone",
                 o.member, o.group
@@ -598,11 +604,11 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             continue;
         }
         if kept.contains(key.as_str())
-            || held_users.contains(&(o.user.to_lowercase(), group_norm.clone()))
+            || held_users.contains(&(o.user.to_lowercase(), group_norm.to_string()))
         {
             continue;
         }
-        let members = match &group_members[&group_norm] {
+        let members = match &group_members[group_norm] {
             Ok(m) => m,
             Err(e) => {
                 out.notes.push(format!(
@@ -624,7 +630,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             Some((r, id)) => (r.clone(), Some(id.clone())),
             None => (
                 lost_reason
-                    .get(&(o.user.clone(), group_norm.clone()))
+                    .get(&(o.user.clone(), group_norm.to_string()))
                     .cloned()
                     .unwrap_or_else(|| {
                         format!("no order names `{}` for this user any more", o.access)
@@ -789,6 +795,28 @@ mod tests {
     use chrono::TimeZone;
     use proptest::prelude::*;
     use std::path::Path;
+
+    #[test]
+    fn a_pass_date_is_written_as_chrono_writes_it() {
+        for (y, m, d) in [
+            (2026, 11, 1),
+            (1999, 12, 31),
+            (2024, 2, 29),
+            (7, 1, 9),
+            (9999, 12, 31),
+        ] {
+            let at = chrono::NaiveDate::from_ymd_opt(y, m, d)
+                .unwrap()
+                .and_time(chrono::NaiveTime::MIN)
+                .and_utc();
+            assert_eq!(format_passed_at(at), at.format("%Y-%m-%d").to_string());
+        }
+        let late = chrono::NaiveDate::from_ymd_opt(12026, 1, 2)
+            .unwrap()
+            .and_time(chrono::NaiveTime::MIN)
+            .and_utc();
+        assert_eq!(format_passed_at(late), late.format("%Y-%m-%d").to_string());
+    }
 
     const CONFIG: &str = r#"
 [daemon]

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 
 use crate::audit::{AuditError, AuditLog, Event, PreparedBatch, Record};
 use crate::config::{Config, MemberAttribute};
-use crate::directory::{Directory, MemberChange};
+use crate::directory::{Directory, DirectoryError, MemberChange, MemberEntries};
 use crate::lms::platform::Platform;
 use crate::lms::{CourseFacts, CourseSource, Query, normalize_name};
 use crate::notify::Notifier;
@@ -145,13 +145,39 @@ async fn observe_scoped(
     caches: &mut Caches,
     only_user: Option<&str>,
 ) -> Result<Observed> {
-    let is_profile = |name: &str| config.access.contains_key(name);
-    let scan = order::scan_cached(
-        &config.daemon.desired_dir,
-        &is_profile,
-        last_good,
-        &mut caches.orders,
-    )?;
+    // The course report is read on another thread while the orders are read and the users looked
+    // up; so are the order files, while the directory is asked about the users (first passes).
+    let report = CourseSource::from_config(&config.lms).map(|source| {
+        let stamp = config.lms.path.as_deref().and_then(FileStamp::of);
+        match &caches.courses {
+            Some((cached, facts)) if stamp.is_some() && *cached == stamp => {
+                Report::Kept(facts.clone())
+            }
+            _ => Report::Loading(stamp, tokio::spawn(async move { source.load().await })),
+        }
+    });
+    let reading = {
+        let profiles: std::collections::HashSet<String> = config.access.keys().cloned().collect();
+        let desired = config.daemon.desired_dir.clone();
+        let previous = last_good.clone();
+        let mut cache = std::mem::take(&mut caches.orders);
+        tokio::task::spawn_blocking(move || {
+            let is_profile = |name: &str| profiles.contains(name);
+            let scan = order::scan_cached(&desired, &is_profile, &previous, &mut cache);
+            (scan, cache)
+        })
+    };
+    let mut prefetched = if caches.users.is_empty() {
+        prefetch_users(config, dir).await
+    } else {
+        Prefetched::default()
+    };
+    let (scan, cache) = match reading.await {
+        Ok(read) => read,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
+    caches.orders = cache;
+    let scan = scan?;
     tracing::debug!(
         orders = scan.orders.len(),
         invalid = scan.invalid.len(),
@@ -184,11 +210,14 @@ async fn observe_scoped(
     unknown.sort();
     unknown.dedup();
     if unknown.len() >= MEMBER_OF_THRESHOLD && config.ldap.member_attribute.holds_dns() {
-        resolve_through_member_of(config, dir, &mut unknown, &mut caches.users).await;
+        let prefetched = prefetched.member_of.take();
+        resolve_through_member_of(config, dir, &mut unknown, &mut caches.users, prefetched).await;
     }
     if unknown.len() >= SCAN_THRESHOLD {
-        resolve_by_scan(dir, &mut unknown, &mut caches.users).await;
+        let prefetched = prefetched.scan.take();
+        resolve_by_scan(dir, &mut unknown, &mut caches.users, prefetched).await;
     }
+    drop(prefetched);
     for (user, lookup) in dir.resolve_users(&unknown).await {
         if !matches!(lookup, UserLookup::Failed { .. }) {
             caches.users.insert(user.clone(), lookup.clone());
@@ -207,18 +236,15 @@ async fn observe_scoped(
         .users
         .retain(|_, l| !matches!(l, UserLookup::Failed { .. }));
 
-    let courses = match CourseSource::from_config(&config.lms) {
-        Some(report) => {
-            let path = config.lms.path.as_deref();
-            let stamp = path.and_then(FileStamp::of);
-            match &caches.courses {
-                Some((cached, facts)) if stamp.is_some() && *cached == stamp => facts.clone(),
-                _ => {
-                    let facts = report.load().await;
-                    caches.courses = Some((stamp, facts.clone()));
-                    facts
-                }
-            }
+    let courses = match report {
+        Some(Report::Kept(facts)) => facts,
+        Some(Report::Loading(stamp, loading)) => {
+            let facts = match loading.await {
+                Ok(facts) => facts,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            };
+            caches.courses = Some((stamp, facts.clone()));
+            facts
         }
         None => {
             let mut queries = course_queries(config, &scan.orders, &directory.users, &ledger, now);
@@ -305,6 +331,69 @@ const MEMBER_OF_THRESHOLD: usize = 1000;
 const SCAN_THRESHOLD: usize = 2000;
 const SCAN_LIMIT_FACTOR: usize = 3;
 
+/// A user search's answer: `None` where the directory cannot answer it (no `memberOf`, or the
+/// scan was abandoned).
+type Fetched = Result<Option<MemberEntries>, DirectoryError>;
+
+/// The course report of a pass: the one read before, or one being read on another thread.
+enum Report {
+    Kept(CourseFacts),
+    Loading(Option<FileStamp>, tokio::task::JoinHandle<CourseFacts>),
+}
+
+/// User searches made while the order files are read, for a pass that knows no user yet.
+#[derive(Default)]
+struct Prefetched {
+    /// Answers for the first groups of [`member_of_groups`], in order, up to the first
+    /// `Ok(None)` or until they name as many people as there are order files.
+    member_of: Option<Vec<Fetched>>,
+    scan: Option<Fetched>,
+}
+
+/// The configured groups, each once, in the order `memberOf` searches take them.
+fn member_of_groups(config: &Config) -> Vec<&str> {
+    let mut groups: Vec<&str> = config.access.values().map(|p| p.group.as_str()).collect();
+    groups.sort_by_key(|g| crate::directory::dn::normalize(g));
+    groups.dedup_by_key(|g| crate::directory::dn::normalize(g));
+    groups
+}
+
+/// Asks the directory, before the orders are read, what [`resolve_through_member_of`] and
+/// [`resolve_by_scan`] would ask once they are. The number of files in the order directory
+/// stands in for the number of users: below [`MEMBER_OF_THRESHOLD`] nothing is asked, and the
+/// scan is made only if the groups' members leave [`SCAN_THRESHOLD`] of them unknown, with
+/// the limit it would have then.
+async fn prefetch_users(config: &Config, dir: &mut Directory) -> Prefetched {
+    let mut prefetched = Prefetched::default();
+    let files = std::fs::read_dir(&config.daemon.desired_dir).map_or(0, Iterator::count);
+    if files < MEMBER_OF_THRESHOLD {
+        return prefetched;
+    }
+    let mut members: std::collections::HashSet<String> = std::collections::HashSet::new();
+    if config.ldap.member_attribute.holds_dns() {
+        let mut answers = Vec::new();
+        for group in member_of_groups(config) {
+            let answer = dir.members_by_member_of(group).await;
+            let unanswerable = matches!(answer, Ok(None));
+            if let Ok(Some(entries)) = &answer {
+                members.extend(entries.keys().cloned());
+            }
+            answers.push(answer);
+            // As the searches stop once no user is left: then the groups hold as many people
+            // as there are files. The rest, if needed, are asked for as before.
+            if unanswerable || members.len() >= files {
+                break;
+            }
+        }
+        prefetched.member_of = Some(answers);
+    }
+    let left = files.saturating_sub(members.len());
+    if left >= SCAN_THRESHOLD {
+        prefetched.scan = Some(dir.scan_users(left * SCAN_LIMIT_FACTOR).await);
+    }
+    prefetched
+}
+
 /// Resolves every `unknown` user with one search over the user base, if the directory holds
 /// not many more people than that; a failed or abandoned scan leaves them to the batched
 /// lookups.
@@ -312,8 +401,13 @@ async fn resolve_by_scan(
     dir: &mut Directory,
     unknown: &mut Vec<String>,
     found: &mut HashMap<String, UserLookup>,
+    prefetched: Option<Fetched>,
 ) {
-    let entries = match dir.scan_users(unknown.len() * SCAN_LIMIT_FACTOR).await {
+    let scanned = match prefetched {
+        Some(scanned) => scanned,
+        None => dir.scan_users(unknown.len() * SCAN_LIMIT_FACTOR).await,
+    };
+    let entries = match scanned {
         Ok(Some(entries)) => entries,
         Ok(None) => {
             tracing::debug!(
@@ -345,18 +439,21 @@ async fn resolve_through_member_of(
     dir: &mut Directory,
     unknown: &mut Vec<String>,
     found: &mut HashMap<String, UserLookup>,
+    prefetched: Option<Vec<Fetched>>,
 ) {
-    let mut groups: Vec<&str> = config.access.values().map(|p| p.group.as_str()).collect();
-    groups.sort_by_key(|g| crate::directory::dn::normalize(g));
-    groups.dedup_by_key(|g| crate::directory::dn::normalize(g));
     let before = unknown.len();
     let mut searches = 0;
-    for group in groups {
+    let mut prefetched = prefetched.map(Vec::into_iter);
+    for group in member_of_groups(config) {
         if unknown.is_empty() {
             break;
         }
         searches += 1;
-        let entries = match dir.members_by_member_of(group).await {
+        let fetched = match prefetched.as_mut().and_then(Iterator::next) {
+            Some(answer) => answer,
+            None => dir.members_by_member_of(group).await,
+        };
+        let entries = match fetched {
             Ok(Some(entries)) => entries,
             Ok(None) => return,
             Err(e) => {
@@ -875,12 +972,26 @@ pub async fn connect(config: &Config) -> Result<Directory> {
 pub async fn apply(config: &Config, options: ApplyOptions) -> Result<RunReport> {
     let store = FileStore::open(&config.daemon.state_dir)?;
     let _lock = store.lock()?;
+    // The ledger and the last-good store are read on another thread meanwhile (under the lock).
+    let loading = {
+        let store = FileStore::open_read_only(store.dir());
+        tokio::task::spawn_blocking(move || {
+            Ok::<_, Error>((store.load_ledger()?, store.load_last_good()?))
+        })
+    };
     let mut audit = AuditLog::open(&config.daemon.audit_log, &store.anchor_path())?;
     let notifier = Notifier::open(config, store.dir())?;
     let mut dir = connect(config).await?;
     let profiles: Vec<&String> = config.access.keys().collect();
+    let orders = store.load_order_cache(&profiles);
+    let (ledger, last_good) = match loading.await {
+        Ok(loaded) => loaded?,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
     let mut caches = Caches {
-        orders: store.load_order_cache(&profiles),
+        orders,
+        ledger: Some(ledger.unwrap_or_default()),
+        last_good: Some(last_good),
         ..Caches::default()
     };
     let report = pass(
