@@ -918,3 +918,83 @@ fn example_config_and_orders_pass_check() {
     );
     assert!(!stderr.contains("BEST-2026-0042"), "{stderr}");
 }
+
+/// A batch the directory refuses in part gets its `outcome` records while the next batch's
+/// records are already prepared on another thread (the apply pipeline): the next batch is
+/// chained after the outcomes, the log verifies, and replaying it gives the directory.
+#[test]
+fn a_batch_refused_in_part_is_followed_by_a_batch_chained_after_its_outcomes() {
+    let profiles = r#"
+[courses.wim-grund]
+lms_id = "Wim grundkurs"
+[access.posix]
+group = "cn=posix-users,ou=groups,dc=example,dc=org"
+courses = ["wim-grund"]
+"#;
+    let w = World::with(Slapd::start(), "", "memberUid", profiles);
+    w.slapd
+        .add_users(&[("bertil", "Bertil"), ("åsa", "Åsa"), ("cecilia", "Cecilia")]);
+    w.results(&[
+        "bertil;Wim grundkurs;true;2026-11-01",
+        "åsa;Wim grundkurs;true;2026-11-01",
+        "cecilia;Wim grundkurs;true;2026-11-01",
+    ]);
+    w.simple_order("B", "bertil", &["posix"]);
+    expect_exit(&w.run(&["apply"]), 0);
+    assert_eq!(w.slapd.members(POSIX_GROUP, "memberUid"), set(&["bertil"]));
+
+    // One run, two batches: the grants (memberUid is IA5: slapd refuses "åsa"), then the
+    // revocation of bertil, whose order is withdrawn.
+    w.withdraw("B");
+    w.simple_order("A", "åsa", &["posix"]);
+    w.simple_order("C", "cecilia", &["posix"]);
+    let out = w.run(&["apply"]);
+    expect_exit(&out, 1);
+    assert_eq!(w.slapd.members(POSIX_GROUP, "memberUid"), set(&["cecilia"]));
+    expect_exit(&w.run(&["audit", "verify"]), 0);
+
+    let audit = w.audit();
+    // The first run wrote one record, bertil's grant.
+    let second_run: Vec<(String, String)> = audit
+        .iter()
+        .skip(1)
+        .map(|r| {
+            let who = r["user"]
+                .as_str()
+                .map_or_else(|| format!("ref {}", r["ref_seq"]), str::to_string);
+            (r["action"].as_str().unwrap().to_string(), who)
+        })
+        .collect();
+    let seq_of_asa = audit.iter().find(|r| r["user"] == "åsa").unwrap()["seq"].clone();
+    assert_eq!(
+        second_run,
+        [
+            ("grant".to_string(), "cecilia".to_string()),
+            ("grant".to_string(), "åsa".to_string()),
+            ("outcome".to_string(), format!("ref {seq_of_asa}")),
+            ("revoke".to_string(), "bertil".to_string()),
+        ],
+        "{audit:?}"
+    );
+    let outcome = audit.iter().find(|r| r["action"] == "outcome").unwrap();
+    assert_eq!(outcome["outcome"], "not-applied");
+
+    // Replaying the log gives exactly the directory.
+    let not_applied: BTreeSet<u64> = audit
+        .iter()
+        .filter(|r| r["action"] == "outcome" && r["outcome"] == "not-applied")
+        .map(|r| r["ref_seq"].as_u64().unwrap())
+        .collect();
+    let mut held = BTreeSet::new();
+    for r in audit
+        .iter()
+        .filter(|r| !not_applied.contains(&r["seq"].as_u64().unwrap()))
+    {
+        match r["action"].as_str().unwrap() {
+            "grant" => held.insert(r["member"].as_str().unwrap().to_string()),
+            "revoke" => held.remove(r["member"].as_str().unwrap()),
+            _ => false,
+        };
+    }
+    assert_eq!(held, w.slapd.members(POSIX_GROUP, "memberUid"));
+}
