@@ -649,6 +649,12 @@ pub async fn apply_plan(
         let (changed, ()) = tokio::join!(dir.change_members(group, how, &values), meanwhile);
         let failures = match changed {
             Ok(failures) => failures,
+            // Not "not-applied": the next run's crash recovery looks at the directory and
+            // records what happened; nothing more is changed in this run.
+            Err(e) if e.in_doubt() => {
+                tracing::error!(group = %group, action = action.as_str(), values = chunk.len(), "{e}");
+                return Err(e.into());
+            }
             Err(e) => (0..chunk.len()).map(|i| (i, e.clone())).collect(),
         };
         let mut failed_at: BTreeMap<usize, String> = BTreeMap::new();

@@ -4,7 +4,7 @@
 //! touching the decision logic, and so the JSON shape of `plan --json` (SPEC §7) lives in one
 //! place.
 
-use std::fmt::Write as _;
+use std::fmt::Write;
 
 use serde_json::{Value, json};
 
@@ -83,53 +83,61 @@ pub fn plan_text(plan: &Plan, observed: &Observed) -> String {
         );
         out.push_str("  After review: coursegate apply --allow-revocations N\n");
     }
-    write_decisions(&mut out, plan, DecisionKind::Wait, "Waiting");
-    write_decisions(
+    // Writing into a String cannot fail.
+    let _ = write_decisions(&mut out, plan, DecisionKind::Wait, "Waiting");
+    let _ = write_decisions(
         &mut out,
         plan,
         DecisionKind::Hold,
         "On hold (unknown facts, nothing changed)",
     );
-    write_decisions(&mut out, plan, DecisionKind::Lapse, "Lapsed (kept)");
-    write_invalid(&mut out, observed);
+    let _ = write_decisions(&mut out, plan, DecisionKind::Lapse, "Lapsed (kept)");
+    let _ = write_invalid(&mut out, observed);
     for note in &plan.notes {
         let _ = writeln!(out, "Note: {note}");
     }
     out
 }
 
-fn write_decisions(out: &mut String, plan: &Plan, kind: DecisionKind, title: &str) {
+fn write_decisions(
+    out: &mut dyn Write,
+    plan: &Plan,
+    kind: DecisionKind,
+    title: &str,
+) -> std::fmt::Result {
     let list: Vec<_> = plan
         .decisions
         .iter()
         .filter(|d| d.decision == kind)
         .collect();
     if list.is_empty() {
-        return;
+        return Ok(());
     }
-    let _ = writeln!(out, "{title} ({}):", list.len());
+    writeln!(out, "{title} ({}):", list.len())?;
     for d in list {
-        let _ = writeln!(out, "  {} {}: {}", d.user, d.access, d.reason);
+        writeln!(out, "  {} {}: {}", d.user, d.access, d.reason)?;
     }
+    Ok(())
 }
 
-fn write_invalid(out: &mut String, observed: &Observed) {
+fn write_invalid(out: &mut dyn Write, observed: &Observed) -> std::fmt::Result {
     if observed.scan.invalid.is_empty() {
-        return;
+        return Ok(());
     }
-    let _ = writeln!(
+    writeln!(
         out,
         "Invalid order files ({}):",
         observed.scan.invalid.len()
-    );
+    )?;
     for i in &observed.scan.invalid {
         let kept = if i.last_good_in_effect {
             " (its last valid version stays in effect)"
         } else {
             ""
         };
-        let _ = writeln!(out, "  {}: {}{kept}", i.file, i.message);
+        writeln!(out, "  {}: {}{kept}", i.file, i.message)?;
     }
+    Ok(())
 }
 
 /// `explain USER`: every profile the user has, wants or waits for, and why.
@@ -228,8 +236,16 @@ pub fn explain_text(user: &str, config: &Config, plan: &Plan, observed: &Observe
 /// `status`: orders by phase.
 pub fn status_text(plan: &Plan, observed: &Observed) -> String {
     let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = write_status(&mut out, plan, observed);
+    out
+}
+
+/// [`status_text`] written into `out` as it is made: the daemon streams it into its status file
+/// instead of holding the text of 60,000 decisions (and two copies of it) at once.
+pub fn write_status(out: &mut dyn Write, plan: &Plan, observed: &Observed) -> std::fmt::Result {
     let count = |k: DecisionKind| plan.decisions.iter().filter(|d| d.decision == k).count();
-    let _ = writeln!(
+    writeln!(
         out,
         "granted: {}  waiting for a course: {}  on hold: {}  lapsed: {}  to revoke: {}  invalid files: {}",
         count(DecisionKind::Grant),
@@ -238,14 +254,14 @@ pub fn status_text(plan: &Plan, observed: &Observed) -> String {
         count(DecisionKind::Lapse),
         count(DecisionKind::Revoke),
         observed.scan.invalid.len()
-    );
+    )?;
     if let Some(b) = &plan.brake {
-        let _ = writeln!(
+        writeln!(
             out,
             "REVOCATION BRAKE: {} revocations held back: {}",
             b.revocations,
             b.reasons.join("; ")
-        );
+        )?;
     }
     for kind in [
         DecisionKind::Grant,
@@ -256,12 +272,12 @@ pub fn status_text(plan: &Plan, observed: &Observed) -> String {
         DecisionKind::Expired,
         DecisionKind::Unauthorized,
     ] {
-        write_decisions(&mut out, plan, kind, kind.as_str());
+        write_decisions(out, plan, kind, kind.as_str())?;
     }
-    write_invalid(&mut out, observed);
+    write_invalid(out, observed)?;
     if let Some(view) = &observed.notifications {
         let sum = &view.summary;
-        let _ = writeln!(
+        writeln!(
             out,
             "notifications: {} pending, {} delivered, {} undeliverable{}",
             sum.pending,
@@ -271,12 +287,12 @@ pub fn status_text(plan: &Plan, observed: &Observed) -> String {
                 .as_ref()
                 .map(|e| format!(" (last error: {e})"))
                 .unwrap_or_default()
-        );
+        )?;
         for (order, notes) in &view.by_order {
-            let _ = writeln!(out, "  {order}: {}", notes_line(notes));
+            writeln!(out, "  {order}: {}", notes_line(notes))?;
         }
     }
-    out
+    Ok(())
 }
 
 /// One order's notifications on one line: `granted mail delivered; granted ticket pending …`.

@@ -215,14 +215,7 @@ impl FileStore {
     }
 
     fn save<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
-        let path = self.dir.join(name);
-        // Compact: the ledger of a large region is tens of megabytes, read at every run. Written
-        // as it is serialized: a buffer holding all of it was the largest allocation of a run.
-        write_atomic_with(&path, |file| {
-            let mut out = BufWriter::with_capacity(1 << 16, file);
-            serde_json::to_writer(&mut out, value)?;
-            out.flush()
-        })
+        write_json_atomic(&self.dir.join(name), value)
     }
 }
 
@@ -316,6 +309,17 @@ fn io_err(path: &Path, source: std::io::Error) -> StateError {
 /// Replaces `path` with `bytes` so that a crash leaves the old or the new content, never a mix.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     write_atomic_with(path, |file| file.write_all(bytes))
+}
+
+/// [`write_atomic`] of `value` as compact JSON. Compact: the ledger of a large region is tens of
+/// megabytes, read at every run. Written as it is serialized: a buffer holding all of it was the
+/// largest allocation of a run.
+pub fn write_json_atomic<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<(), StateError> {
+    write_atomic_with(path, |file| {
+        let mut out = BufWriter::with_capacity(1 << 16, file);
+        serde_json::to_writer(&mut out, value)?;
+        out.flush()
+    })
 }
 
 /// [`write_atomic`] with the content written by `write` to the new file.

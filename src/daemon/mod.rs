@@ -68,6 +68,20 @@ const WATCH_CHECK_EVERY: Duration = Duration::from_secs(2);
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(120);
 
+/// Writes the status text of `report` as a JSON string, escaped as it is made.
+fn serialize_status_text<S: serde::Serializer>(
+    report: &&RunReport,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    struct Text<'a>(&'a RunReport);
+    impl std::fmt::Display for Text<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            crate::report::write_status(f, &self.0.plan, &self.0.observed)
+        }
+    }
+    serializer.collect_str(&Text(report))
+}
+
 /// The file in `state_dir` where the running daemon publishes its status for `coursegate status`.
 pub const STATUS_FILE: &str = "status.json";
 
@@ -637,15 +651,26 @@ impl Daemon {
     }
 
     fn publish_status(&self, report: &RunReport, why_not: Option<&str>) {
-        let status = serde_json::json!({
-            "updated_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            "pid": std::process::id(),
-            "ready": why_not.is_none(),
-            "not_ready_reason": why_not,
-            "text": crate::report::status_text(&report.plan, &report.observed),
-        });
+        /// The status file's object (keys in sorted order); `text` is written straight into
+        /// the file as it is made.
+        #[derive(serde::Serialize)]
+        struct Status<'a> {
+            not_ready_reason: Option<&'a str>,
+            pid: u32,
+            ready: bool,
+            #[serde(serialize_with = "serialize_status_text")]
+            text: &'a RunReport,
+            updated_at: String,
+        }
+        let status = Status {
+            not_ready_reason: why_not,
+            pid: std::process::id(),
+            ready: why_not.is_none(),
+            text: report,
+            updated_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        };
         let path = self.store.dir().join(STATUS_FILE);
-        if let Err(e) = crate::state::write_atomic(&path, status.to_string().as_bytes()) {
+        if let Err(e) = crate::state::write_json_atomic(&path, &status) {
             tracing::warn!("cannot publish status: {e}");
         }
     }

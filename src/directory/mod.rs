@@ -97,6 +97,20 @@ pub enum DirectoryError {
     GroupMissing { group: String },
     #[error("changing members of {group} failed: {message}")]
     Modify { group: String, message: String },
+    /// The change was sent but no answer came (timeout, connection lost): the server may or may
+    /// not have made it. Only a later look at the directory can tell.
+    #[error(
+        "no answer to a change of the members of {group} ({message}); whether the directory made \
+         it is unknown until the next run checks it"
+    )]
+    InDoubt { group: String, message: String },
+}
+
+impl DirectoryError {
+    /// Whether a change may have been made although it failed (see [`DirectoryError::InDoubt`]).
+    pub fn in_doubt(&self) -> bool {
+        matches!(self, DirectoryError::InDoubt { .. })
+    }
 }
 
 impl DirectoryError {
@@ -108,6 +122,7 @@ impl DirectoryError {
             DirectoryError::Search { .. } => "search",
             DirectoryError::GroupMissing { .. } => "group_missing",
             DirectoryError::Modify { .. } => "modify",
+            DirectoryError::InDoubt { .. } => "modify_in_doubt",
         }
     }
 }
@@ -707,11 +722,18 @@ impl Directory {
             MemberChange::Remove => Mod::Delete(attr, set),
         });
         self.operations += 1;
-        let result = self.timed().modify(group, mods).await;
+        // The server's work grows with the values (memberof updates each member's entry): the
+        // bound grows with them, 1 ms per value, so that a large batch is not cut off while the
+        // server is still working on it.
+        let values = u64::try_from(values.len()).unwrap_or(u64::MAX);
+        self.ldap
+            .with_timeout(self.cfg.timeout + std::time::Duration::from_millis(values));
+        let result = self.ldap.modify(group, mods).await;
         match result {
             Ok(r) => Ok((r.rc, r.text)),
             Err(LdapError::LdapResult { result }) => Ok((result.rc, result.text)),
-            Err(e) => Err(DirectoryError::Modify {
+            // Sent, but no answer: the server may have made the change.
+            Err(e) => Err(DirectoryError::InDoubt {
                 group: group.to_string(),
                 message: e.to_string(),
             }),

@@ -625,3 +625,102 @@ fn emptying_the_order_directory_by_mistake_revokes_nothing() {
     expect_exit(&w.run(&["apply", "--allow-revocations", "100"]), 1);
     assert_eq!(w.members(WIM_GROUP).len(), 41);
 }
+
+/// A TCP proxy in front of `upstream` that passes every request, and every answer except those
+/// to modify requests: the directory makes the change, coursegate never hears of it.
+fn swallow_modify_answers(listener: std::net::TcpListener, upstream: String) {
+    use std::io::{Read, Write};
+    for client in listener.incoming().flatten() {
+        let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+            return;
+        };
+        let (mut from_client, mut to_server) =
+            (client.try_clone().unwrap(), server.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from_client, &mut to_server);
+            let _ = to_server.shutdown(std::net::Shutdown::Write);
+        });
+        let (mut from_server, mut to_client) = (server, client);
+        std::thread::spawn(move || {
+            let mut buffer = Vec::new();
+            let mut chunk = [0u8; 65536];
+            loop {
+                while let Some((len, body)) = ber_message(&buffer) {
+                    let message: Vec<u8> = buffer.drain(..len).collect();
+                    // messageID INTEGER (short length), then the protocolOp's tag.
+                    let op = message[body + 2 + usize::from(message[body + 1])];
+                    if op == 0x67 {
+                        continue; // modifyResponse
+                    }
+                    if to_client.write_all(&message).is_err() {
+                        return;
+                    }
+                }
+                match from_server.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                }
+            }
+        });
+    }
+}
+
+/// A change the directory makes without answering (timeout) is in doubt: the run stops and
+/// records no outcome for it, and the next run looks at the directory and records `applied`.
+/// Marking it `not-applied` would break the log's replay and lose coursegate's ownership of a
+/// membership that exists.
+#[test]
+fn a_change_made_without_an_answer_is_settled_by_the_next_run_not_marked_not_applied() {
+    let w = World::new();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_url = format!("ldap://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let upstream = format!("127.0.0.1:{}", w.slapd.port());
+    std::thread::spawn(move || swallow_modify_answers(listener, upstream));
+    let config = std::fs::read_to_string(&w.config).unwrap();
+    assert!(config.contains(&w.slapd.url()), "{config}");
+    std::fs::write(
+        &w.config,
+        config.replace(&w.slapd.url(), &proxy_url).replace(
+            "member_attribute = \"member\"",
+            "member_attribute = \"member\"\ntimeout = \"1s\"",
+        ),
+    )
+    .unwrap();
+    let anna = w.slapd.add_user("anna", "Anna");
+    w.results(&["anna;Wim grundkurs;true;2026-11-01"]);
+    w.simple_order("A", "anna", &["wim"]);
+
+    let out = w.run(&["apply"]);
+    assert_ne!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no answer to a change"),
+        "{}",
+        describe(&out)
+    );
+    // slapd made the change; the log holds the grant and no outcome for it.
+    assert!(w.members(WIM_GROUP).contains(&anna));
+    let records = audit_records(&w);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["action"], "grant");
+
+    // Straight to slapd: the next run settles the doubt from the directory.
+    std::fs::write(&w.config, &config).unwrap();
+    expect_exit(&w.run(&["apply"]), 0);
+    let records = audit_records(&w);
+    let outcomes: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["action"] == "outcome")
+        .collect();
+    assert_eq!(outcomes.len(), 1, "{records:?}");
+    assert_eq!(outcomes[0]["outcome"], "applied");
+    assert_eq!(outcomes[0]["ref_seq"], records[0]["seq"]);
+    let mut directory = w.members(WIM_GROUP);
+    directory.remove(PLACEHOLDER_DN);
+    assert_eq!(replay(&records), directory);
+    expect_exit(&w.run(&["audit", "verify"]), 0);
+
+    // The membership is coursegate's: withdrawing the order revokes it.
+    w.withdraw("A");
+    expect_exit(&w.run(&["apply"]), 0);
+    assert!(!w.members(WIM_GROUP).contains(&anna));
+}
