@@ -576,16 +576,18 @@ fn many_orders_cost_few_ldap_operations() {
     assert!(ops <= 15, "{ops} LDAP operations for 600 orders");
 }
 
-#[test]
-fn member_uid_and_unique_member_groups() {
-    let profiles = r#"
+/// One profile on the `posixGroup` (`memberUid`), needing the Wim course.
+const POSIX_PROFILE: &str = r#"
 [courses.wim-grund]
 lms_id = "Wim grundkurs"
 [access.posix]
 group = "cn=posix-users,ou=groups,dc=example,dc=org"
 courses = ["wim-grund"]
 "#;
-    let w = World::with(Slapd::start(), "", "memberUid", profiles);
+
+#[test]
+fn member_uid_and_unique_member_groups() {
+    let w = World::with(Slapd::start(), "", "memberUid", POSIX_PROFILE);
     w.slapd.add_users(&[("anna", "Anna"), ("bertil", "Bertil")]);
     w.slapd.add_member(POSIX_GROUP, "memberUid", "handmade");
     w.results(&[
@@ -924,14 +926,7 @@ fn example_config_and_orders_pass_check() {
 /// chained after the outcomes, the log verifies, and replaying it gives the directory.
 #[test]
 fn a_batch_refused_in_part_is_followed_by_a_batch_chained_after_its_outcomes() {
-    let profiles = r#"
-[courses.wim-grund]
-lms_id = "Wim grundkurs"
-[access.posix]
-group = "cn=posix-users,ou=groups,dc=example,dc=org"
-courses = ["wim-grund"]
-"#;
-    let w = World::with(Slapd::start(), "", "memberUid", profiles);
+    let w = World::with(Slapd::start(), "", "memberUid", POSIX_PROFILE);
     w.slapd
         .add_users(&[("bertil", "Bertil"), ("åsa", "Åsa"), ("cecilia", "Cecilia")]);
     w.results(&[
@@ -980,21 +975,8 @@ courses = ["wim-grund"]
     assert_eq!(outcome["outcome"], "not-applied");
 
     // Replaying the log gives exactly the directory.
-    let not_applied: BTreeSet<u64> = audit
-        .iter()
-        .filter(|r| r["action"] == "outcome" && r["outcome"] == "not-applied")
-        .map(|r| r["ref_seq"].as_u64().unwrap())
-        .collect();
-    let mut held = BTreeSet::new();
-    for r in audit
-        .iter()
-        .filter(|r| !not_applied.contains(&r["seq"].as_u64().unwrap()))
-    {
-        match r["action"].as_str().unwrap() {
-            "grant" => held.insert(r["member"].as_str().unwrap().to_string()),
-            "revoke" => held.remove(r["member"].as_str().unwrap()),
-            _ => false,
-        };
-    }
-    assert_eq!(held, w.slapd.members(POSIX_GROUP, "memberUid"));
+    assert_eq!(
+        crate::safety::replay(&audit),
+        w.slapd.members(POSIX_GROUP, "memberUid")
+    );
 }

@@ -70,7 +70,7 @@ fn audit_records(w: &World) -> Vec<Value> {
 }
 
 /// Replays the audit log (SPEC §6): grants and revokes, minus those marked not-applied.
-fn replay(records: &[Value]) -> BTreeSet<String> {
+pub fn replay(records: &[Value]) -> BTreeSet<String> {
     let not_applied: BTreeSet<u64> = records
         .iter()
         .filter(|r| r["action"] == "outcome" && r["outcome"] == "not-applied")
@@ -323,6 +323,22 @@ fn frozen_slapd_times_out_and_changes_nothing() {
     assert!(w.members(WIM_GROUP).contains(&anna));
 }
 
+/// Points the world's config at the LDAP server `url` with a 1 s operation timeout; returns the
+/// config as it was.
+fn point_at(w: &World, url: &str) -> String {
+    let config = std::fs::read_to_string(&w.config).unwrap();
+    assert!(config.contains(&w.slapd.url()), "{config}");
+    std::fs::write(
+        &w.config,
+        config.replace(&w.slapd.url(), url).replace(
+            "member_attribute = \"member\"",
+            "member_attribute = \"member\"\ntimeout = \"1s\"",
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// An LDAP peer that answers the bind and the first search (the root DSE read at connect) and
 /// then reads requests without ever answering: a server that hangs mid-run.
 fn serve_then_stall(mut stream: std::net::TcpStream) {
@@ -388,16 +404,7 @@ fn a_server_that_stops_answering_after_the_bind_times_out() {
             std::thread::spawn(move || serve_then_stall(stream));
         }
     });
-    let config = std::fs::read_to_string(&w.config).unwrap();
-    assert!(config.contains(&w.slapd.url()), "{config}");
-    std::fs::write(
-        &w.config,
-        config.replace(&w.slapd.url(), &hung_url).replace(
-            "member_attribute = \"member\"",
-            "member_attribute = \"member\"\ntimeout = \"1s\"",
-        ),
-    )
-    .unwrap();
+    point_at(&w, &hung_url);
     w.slapd.add_user("anna", "Anna");
     w.results(&["anna;Wim grundkurs;true;2026-11-01"]);
     w.simple_order("A", "anna", &["wim"]);
@@ -676,16 +683,7 @@ fn a_change_made_without_an_answer_is_settled_by_the_next_run_not_marked_not_app
     let proxy_url = format!("ldap://127.0.0.1:{}", listener.local_addr().unwrap().port());
     let upstream = format!("127.0.0.1:{}", w.slapd.port());
     std::thread::spawn(move || swallow_modify_answers(listener, upstream));
-    let config = std::fs::read_to_string(&w.config).unwrap();
-    assert!(config.contains(&w.slapd.url()), "{config}");
-    std::fs::write(
-        &w.config,
-        config.replace(&w.slapd.url(), &proxy_url).replace(
-            "member_attribute = \"member\"",
-            "member_attribute = \"member\"\ntimeout = \"1s\"",
-        ),
-    )
-    .unwrap();
+    let config = point_at(&w, &proxy_url);
     let anna = w.slapd.add_user("anna", "Anna");
     w.results(&["anna;Wim grundkurs;true;2026-11-01"]);
     w.simple_order("A", "anna", &["wim"]);
