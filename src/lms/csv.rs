@@ -16,7 +16,7 @@ use std::path::Path;
 
 use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 
-use super::{CourseFacts, course_key};
+use super::{CourseFacts, Passes, course_key};
 
 /// Reads the CSV report at `path`; `label` (e.g. `csv:lms/results.csv`) becomes the evidence
 /// source. A whole-file failure names the path in its reason.
@@ -254,7 +254,7 @@ pub(super) struct ReportBuilder {
     columns: Columns,
     /// How a row's number is introduced in messages: "line" in a CSV file, "row" in a sheet.
     row_word: &'static str,
-    passed: HashMap<(String, String), DateTime<Utc>>,
+    passed: Passes,
     unreadable: HashMap<(String, String), String>,
     problems: Vec<String>,
 }
@@ -264,7 +264,7 @@ impl ReportBuilder {
         ReportBuilder {
             columns,
             row_word,
-            passed: HashMap::new(),
+            passed: Passes::default(),
             unreadable: HashMap::new(),
             problems: Vec::new(),
         }
@@ -277,7 +277,7 @@ impl ReportBuilder {
             // Spreadsheets export empty rows as ";;;": nothing is said, nothing to report.
             return;
         }
-        let at = format!("{} {number}", self.row_word);
+        let at = || format!("{} {number}", self.row_word);
         let user = fields.get(self.columns.user).copied().unwrap_or_default();
         let course = fields.get(self.columns.course).copied().unwrap_or_default();
         if user.is_empty() || course.is_empty() {
@@ -286,21 +286,20 @@ impl ReportBuilder {
             } else {
                 "course"
             };
-            self.problems.push(format!("{at}: no {which}; row ignored"));
+            self.problems
+                .push(format!("{}: no {which}; row ignored", at()));
             return;
         }
-        let key = course_key(user, course);
         match self.columns.interpret(&fields) {
-            Ok(Outcome::Passed(date)) => {
-                let latest = self.passed.entry(key).or_insert(date);
-                *latest = (*latest).max(date);
-            }
+            Ok(Outcome::Passed(date)) => self.passed.record(user, course, date),
             Ok(Outcome::NotPassed) => {}
             Err(why) => {
-                let reason = format!("{at} ({user}, {course}): {why}");
+                let reason = format!("{} ({user}, {course}): {why}", at());
                 self.problems.push(format!("{reason}; result unknown"));
                 // The first bad row is named; every one of them is in `problems`.
-                self.unreadable.entry(key).or_insert(reason);
+                self.unreadable
+                    .entry(course_key(user, course))
+                    .or_insert(reason);
             }
         }
     }

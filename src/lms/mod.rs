@@ -74,8 +74,7 @@ enum FactsState {
     /// The whole source could not be read: every answer is unknown.
     Unavailable { reason: String },
     Report {
-        /// (user, course) keys from [`course_key`] -> latest passed date.
-        passed: HashMap<(String, String), DateTime<Utc>>,
+        passed: Passes,
         /// (user, course) keys with at least one unreadable row -> why.
         unreadable: HashMap<(String, String), String>,
     },
@@ -87,6 +86,74 @@ enum FactsState {
         /// throttled): reported like an unreadable report.
         unavailable: bool,
     },
+}
+
+/// The latest pass date of each (user, course) in a report, names compared as [`course_key`]
+/// compares them. A region's report has a row per user and course: here each user is one entry
+/// holding a short list of their courses, and each course name is kept once.
+#[derive(Debug, Clone, Default)]
+pub struct Passes {
+    /// Normalized course names; a user's list refers to them by index.
+    courses: Vec<Box<str>>,
+    course_index: HashMap<Box<str>, u32>,
+    users: HashMap<Box<str>, Vec<(u32, DateTime<Utc>)>>,
+}
+
+impl Passes {
+    /// Records a pass; of several passes of the same course the latest counts.
+    pub fn record(&mut self, user: &str, course: &str, at: DateTime<Utc>) {
+        let course = normalized(course);
+        let index = match self.course_index.get(course.as_ref()) {
+            Some(&index) => index,
+            None => {
+                let index = u32::try_from(self.courses.len()).expect("fewer than 2^32 courses");
+                self.courses.push(course.as_ref().into());
+                self.course_index.insert(course.as_ref().into(), index);
+                index
+            }
+        };
+        let list = match self.users.get_mut(normalized(user).as_ref()) {
+            Some(list) => list,
+            None => self
+                .users
+                .entry(normalized(user).into_owned().into_boxed_str())
+                .or_default(),
+        };
+        match list.iter_mut().find(|(c, _)| *c == index) {
+            Some((_, latest)) => *latest = (*latest).max(at),
+            None => list.push((index, at)),
+        }
+    }
+
+    /// The latest pass of `course` by `user`, if any.
+    pub fn get(&self, user: &str, course: &str) -> Option<DateTime<Utc>> {
+        let index = *self.course_index.get(normalized(course).as_ref())?;
+        let list = self.users.get(normalized(user).as_ref())?;
+        list.iter().find(|(c, _)| *c == index).map(|(_, at)| *at)
+    }
+}
+
+impl From<HashMap<(String, String), DateTime<Utc>>> for Passes {
+    fn from(map: HashMap<(String, String), DateTime<Utc>>) -> Passes {
+        let mut passes = Passes::default();
+        for ((user, course), at) in map {
+            passes.record(&user, &course, at);
+        }
+        passes
+    }
+}
+
+/// [`normalize_name`] without a copy when the name is in normal form already (most are).
+fn normalized(name: &str) -> std::borrow::Cow<'_, str> {
+    let trimmed = name.trim();
+    if trimmed
+        .bytes()
+        .all(|b| b.is_ascii() && !b.is_ascii_uppercase())
+    {
+        std::borrow::Cow::Borrowed(trimmed)
+    } else {
+        std::borrow::Cow::Owned(trimmed.to_lowercase())
+    }
 }
 
 /// Normalizes a user name or course name for comparison (trim, lower-case).
@@ -103,10 +170,11 @@ impl CourseFacts {
     /// Facts from a readable report. `problems` lists unreadable rows for reporting.
     pub fn from_report(
         source: impl Into<String>,
-        passed: HashMap<(String, String), DateTime<Utc>>,
+        passed: impl Into<Passes>,
         unreadable: HashMap<(String, String), String>,
         problems: Vec<String>,
     ) -> Self {
+        let passed = passed.into();
         let mut stats = ReadStats::default();
         if !problems.is_empty() {
             stats
@@ -163,15 +231,17 @@ impl CourseFacts {
                 reason: format!("{}: {reason}", self.source),
             },
             FactsState::Report { passed, unreadable } => {
-                let key = course_key(user, lms_id);
-                if let Some(why) = unreadable.get(&key) {
+                if let Some(why) = (!unreadable.is_empty())
+                    .then(|| unreadable.get(&course_key(user, lms_id)))
+                    .flatten()
+                {
                     return CourseResult::Unknown {
                         reason: format!("{}: {why}", self.source),
                     };
                 }
-                match passed.get(&key) {
+                match passed.get(user, lms_id) {
                     Some(at) => CourseResult::Passed {
-                        at: *at,
+                        at,
                         source: self.source.clone(),
                         reference: None,
                     },
@@ -267,6 +337,40 @@ impl CourseSource {
             crate::config::LmsKind::Csv => Some(CourseSource::Csv { path, label }),
             crate::config::LmsKind::Xlsx => Some(CourseSource::Xlsx { path, label }),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone as _;
+
+    fn day(d: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, d, 0, 0, 0).unwrap()
+    }
+
+    #[test]
+    fn passes_compare_names_as_course_key_does_and_keep_the_latest() {
+        let mut passes = Passes::default();
+        passes.record(" Anna ", "Wim Grundkurs", day(3));
+        passes.record("anna", "wim grundkurs", day(1));
+        passes.record("ÅSA", "PACS", day(2));
+        passes.record("åsa", "PACS", day(5));
+        assert_eq!(passes.get("ANNA", " wim grundkurs"), Some(day(3)));
+        assert_eq!(passes.get("åsa", "pacs"), Some(day(5)));
+        assert_eq!(passes.get("Åsa", "Wim Grundkurs"), None);
+        assert_eq!(passes.get("bertil", "PACS"), None);
+        assert_eq!(passes.get("anna", "KardioPACS"), None);
+        // Every key a map of course_key pairs holds is found the same way.
+        let map: HashMap<(String, String), DateTime<Utc>> = [
+            (course_key("Cecilia", "Wim"), day(4)),
+            (course_key("cecilia", "PACS"), day(6)),
+        ]
+        .into();
+        let passes = Passes::from(map.clone());
+        for ((user, course), at) in &map {
+            assert_eq!(passes.get(user, course), Some(*at));
         }
     }
 }
