@@ -70,6 +70,13 @@ impl Caches {
         self.ledger = Some(ledger);
     }
 
+    /// Takes back the user lookups of a full pass ([`observe_cached`] moves them out of the
+    /// cache): a failed lookup is used once, never kept.
+    pub fn keep_users(&mut self, mut users: HashMap<String, UserLookup>) {
+        users.retain(|_, l| !matches!(l, UserLookup::Failed { .. }));
+        self.users = users;
+    }
+
     /// Saves the ledger and the last-good store if quick passes changed them (the daemon's
     /// shutdown and reload).
     pub fn save_unsaved(&mut self, store: &impl StateStore) -> Result<()> {
@@ -224,17 +231,14 @@ async fn observe_scoped(
         }
         caches.users.entry(user).or_insert(lookup);
     }
+    // The cache now holds exactly the lookups of `users` (failed ones too): they are moved into
+    // the pass rather than copied, and the daemon gives them back once the pass is done
+    // ([`Caches::keep_users`]); a pass that fails leaves the next one to look them up again.
+    drop(wanted);
     let mut directory = DirectoryFacts {
-        users: users
-            .iter()
-            .filter_map(|u| caches.users.get(u).map(|l| (u.clone(), l.clone())))
-            .collect(),
+        users: std::mem::take(&mut caches.users),
         groups: HashMap::new(),
     };
-    // Failed lookups are used once, never kept.
-    caches
-        .users
-        .retain(|_, l| !matches!(l, UserLookup::Failed { .. }));
 
     let courses = match report {
         Some(Report::Kept(facts)) => facts,

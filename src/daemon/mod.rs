@@ -596,6 +596,8 @@ impl Daemon {
                 self.schedule_retries(&report, now);
                 self.publish_status(&report, why_not.as_deref());
                 let summary = summary(&report);
+                self.caches
+                    .keep_users(std::mem::take(&mut report.observed.directory.users));
                 if report.applied.failed.is_empty() {
                     self.caches
                         .keep_ledger(std::mem::take(&mut report.observed.ledger));
