@@ -538,13 +538,16 @@ pub fn duplicate_ids<'a>(
         .collect()
 }
 
+/// From this many files a scan works on two threads.
+const PARALLEL_FROM: usize = 512;
+
 /// Reads every order file in `dir`, applying SPEC §2 and the last-good rule.
 ///
 /// `previous` is the last-good store from the previous run. A missing or unreadable directory
 /// is an error, never "no orders": an empty view of the world must not revoke everything.
 pub fn scan(
     dir: &Path,
-    is_profile: &dyn Fn(&str) -> bool,
+    is_profile: &(dyn Fn(&str) -> bool + Sync),
     previous: &LastGood,
 ) -> Result<Scan, ScanError> {
     scan_cached(dir, is_profile, previous, &mut ParseCache::default())
@@ -683,7 +686,7 @@ impl FileStamp {
 /// [`scan`] that reuses the parse results of files that did not change since the last call.
 pub fn scan_cached(
     dir: &Path,
-    is_profile: &dyn Fn(&str) -> bool,
+    is_profile: &(dyn Fn(&str) -> bool + Sync),
     previous: &LastGood,
     cache: &mut ParseCache,
 ) -> Result<Scan, ScanError> {
@@ -691,8 +694,8 @@ pub fn scan_cached(
         path: dir.to_path_buf(),
         source,
     };
-    let mut parsed: Vec<(String, Result<Arc<Order>, String>)> = Vec::new();
     let mut scan = Scan::default();
+    let mut files: Vec<(String, PathBuf)> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read_err)? {
         let entry = entry.map_err(read_err)?;
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -707,19 +710,45 @@ pub fn scan_cached(
             }
             FileKind::Toml | FileKind::Json => {}
         }
-        let path = entry.path();
-        let stamp = FileStamp::of(&path);
-        let result = match (stamp, cache.entries.get(&name)) {
-            (Some(now), Some((then, result))) if now == *then => result.clone(),
-            _ => {
-                let result = load_file(&path, is_profile).map(Arc::new);
-                if let Some(stamp) = stamp {
-                    cache.entries.insert(name.clone(), (stamp, result.clone()));
-                    cache.changed = true;
-                }
-                result
+        files.push((name, entry.path()));
+    }
+    // Each file is stamped, and read unless the cache holds its current version; a large
+    // directory on two threads (a first run reads 20,000 files).
+    let entries = &cache.entries;
+    let look = |(name, path): &(String, PathBuf)| {
+        let stamp = FileStamp::of(path);
+        match (stamp, entries.get(name)) {
+            (Some(now), Some((then, result))) if now == *then => (stamp, result.clone(), false),
+            _ => (stamp, load_file(path, is_profile).map(Arc::new), true),
+        }
+    };
+    let looked: Vec<_> = if files.len() >= PARALLEL_FROM {
+        let (first, second) = files.split_at(files.len() / 2);
+        std::thread::scope(|s| {
+            let other = std::thread::Builder::new()
+                .name("order-scan".into())
+                .spawn_scoped(s, || second.iter().map(look).collect::<Vec<_>>());
+            let mut looked: Vec<_> = first.iter().map(look).collect();
+            match other {
+                Ok(other) => looked.extend(
+                    other
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                ),
+                // No thread to be had: this one reads the rest.
+                Err(_) => looked.extend(second.iter().map(look)),
             }
-        };
+            looked
+        })
+    } else {
+        files.iter().map(look).collect()
+    };
+    let mut parsed: Vec<(String, Result<Arc<Order>, String>)> = Vec::with_capacity(files.len());
+    for ((name, _), (stamp, result, read)) in files.into_iter().zip(looked) {
+        if read && let Some(stamp) = stamp {
+            cache.entries.insert(name.clone(), (stamp, result.clone()));
+            cache.changed = true;
+        }
         parsed.push((name, result));
     }
     let present: std::collections::HashSet<&str> = parsed.iter().map(|(n, _)| n.as_str()).collect();
@@ -1073,6 +1102,41 @@ note = "ST-läkare, radiologi"
         let third = scan_cached(d, &profiles, &second.last_good, &mut cache).unwrap();
         assert!(third.orders.is_empty());
         assert!(cache.entries.is_empty());
+    }
+
+    #[test]
+    fn a_large_directory_read_on_two_threads_gives_what_one_thread_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let order = |id: &str, user: &str| {
+            format!("id = \"{id}\"\nuser = \"{user}\"\naccess = [\"wim\"]\nordered_by = \"m\"\n")
+        };
+        let n = PARALLEL_FROM + 88;
+        for i in 0..n {
+            write(
+                d,
+                &format!("o{i:04}.toml"),
+                &order(&format!("O-{i}"), &format!("u{i}")),
+            );
+        }
+        // An invalid file early, a pair sharing an id late (the second thread's half).
+        write(d, "o0003.toml", "id = \"O-3\"\nuser = ");
+        write(d, &format!("o{:04}.toml", n - 2), &order("O-7", "x"));
+        let mut cache = ParseCache::default();
+        let scan = scan_cached(d, &profiles, &BTreeMap::new(), &mut cache).unwrap();
+        let invalid: Vec<&str> = scan.invalid.iter().map(|f| f.file.as_str()).collect();
+        let late = format!("o{:04}.toml", n - 2);
+        assert_eq!(invalid, ["o0003.toml", "o0007.toml", late.as_str()]);
+        assert_eq!(scan.orders.len(), n - 3);
+        assert!(scan.orders.windows(2).all(|w| w[0].file < w[1].file));
+        assert_eq!(scan.orders[0].order.id, "O-0");
+        assert_eq!(scan.orders.last().unwrap().order.id, format!("O-{}", n - 1));
+        // Every file is cached, and an unchanged directory reads nothing again.
+        assert_eq!(cache.entries.len(), n);
+        cache.changed = false;
+        let again = scan_cached(d, &profiles, &scan.last_good, &mut cache).unwrap();
+        assert!(!cache.changed());
+        assert_eq!(again.orders, scan.orders);
     }
 
     #[test]
