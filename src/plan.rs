@@ -167,11 +167,16 @@ pub struct Change {
     pub reason: String,
     /// Whether coursegate owned the membership (false only for `exclusive` clean-up).
     pub owned: bool,
+    /// The membership's key ([`membership_key`]), made once by the plan: the ledger entry a
+    /// grant makes, or the one a revocation removes.
+    #[serde(skip)]
+    pub key: String,
 }
 
 impl Change {
-    pub fn key(&self, attribute: MemberAttribute) -> String {
-        membership_key(&self.group, &self.member, attribute)
+    /// The membership's key in the ledger.
+    pub fn key(&self) -> &str {
+        &self.key
     }
 }
 
@@ -541,8 +546,9 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             } else {
                 decision.reason = Cow::Borrowed("all courses passed; will be added to the group");
                 grants.push((
-                    key,
+                    key.clone(),
                     Change {
+                        key,
                         action: Action::Grant,
                         user: user.to_string(),
                         user_dn: match lookup {
@@ -672,6 +678,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             });
         }
         revokes.push(Change {
+            key: key.clone(),
             action: Action::Revoke,
             user: o.user.clone(),
             user_dn: o.user_dn.clone(),
@@ -712,7 +719,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             if kept(key.as_str())
                 || input.ledger.owned.contains_key(&key)
                 || placeholder.as_deref() == Some(member_key(value, attr).as_str())
-                || revokes.iter().any(|r| r.key(attr) == key)
+                || revokes.iter().any(|r| r.key() == key)
             {
                 continue;
             }
@@ -739,6 +746,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 evidence: Vec::new(),
                 reason: "not granted by coursegate, and the group is exclusive".to_string(),
                 owned: false,
+                key,
             });
         }
     }
@@ -1007,7 +1015,7 @@ lapse_grace = "10d"
         fn apply(&mut self, plan: &Plan) {
             let attr = self.config.ldap.member_attribute;
             for c in &plan.changes {
-                let key = c.key(attr);
+                let key = c.key().to_string();
                 if let Some(Ok(m)) = self.directory.groups.get_mut(&c.group) {
                     match c.action {
                         Action::Grant => m.push(c.member.clone()),
@@ -1579,8 +1587,10 @@ lapse_grace = "10d"
             for c in p.changes.iter().chain(p.held_revocations.iter()) {
                 let profile = w.config.access.values().find(|pr| pr.group == c.group);
                 prop_assert!(profile.is_some(), "unconfigured group {}", c.group);
+                // The key the plan made is the membership's (the ledger entry apply books).
+                prop_assert_eq!(c.key(), membership_key(&c.group, &c.member, attr));
                 if c.action == Action::Revoke && !profile.unwrap().exclusive {
-                    prop_assert!(w.ledger.owned.contains_key(&c.key(attr)), "revoked unowned {c:?}");
+                    prop_assert!(w.ledger.owned.contains_key(c.key()), "revoked unowned {c:?}");
                 }
                 if c.action == Action::Revoke {
                     prop_assert!(c.member != "cn=nobody,dc=x");

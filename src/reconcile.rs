@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Utc};
 
 use crate::audit::{AuditError, AuditLog, Event, PreparedBatch, Record};
-use crate::config::{Config, MemberAttribute};
+use crate::config::Config;
 use crate::directory::{Directory, DirectoryError, MemberChange, MemberEntries};
 use crate::lms::platform::Platform;
 use crate::lms::{CourseFacts, CourseSource, Query, normalize_name};
@@ -62,6 +62,17 @@ pub struct Caches {
     /// Whether `last_good` holds files of quick passes that are not saved yet (saved by the
     /// next full pass, at SIGTERM or SIGHUP).
     last_good_unsaved: bool,
+    /// A one-shot run's order parse cache: saved on another thread as soon as the scan is done
+    /// (the run then waits for it at its end).
+    save_orders: Option<SaveOrders>,
+}
+
+/// Where a one-shot run saves its order parse cache, and the save under way.
+#[derive(Debug)]
+struct SaveOrders {
+    store: std::path::PathBuf,
+    profiles: Vec<String>,
+    saving: Option<std::thread::JoinHandle<std::result::Result<(), crate::state::StateError>>>,
 }
 
 impl Caches {
@@ -184,6 +195,21 @@ async fn observe_scoped(
         Err(e) => std::panic::resume_unwind(e.into_panic()),
     };
     caches.orders = cache;
+    if let Some(save) = caches.save_orders.as_mut()
+        && caches.orders.changed()
+        && save.saving.is_none()
+    {
+        let settled = caches.orders.settled(
+            std::time::SystemTime::now(),
+            crate::state::ORDER_CACHE_SETTLE,
+        );
+        let store = FileStore::open_read_only(&save.store);
+        let profiles = save.profiles.clone();
+        save.saving = std::thread::Builder::new()
+            .name("order-cache".into())
+            .spawn(move || store.save_settled_order_cache(profiles, settled))
+            .ok();
+    }
     let scan = scan?;
     tracing::debug!(
         orders = scan.orders.len(),
@@ -562,7 +588,6 @@ pub struct Applied {
 /// run checkpoints the ledger every [`LEDGER_CHECKPOINT_EVERY`]; the last checkpoint is the
 /// caller's, when [`Applied::ledger_unsaved`] says so.
 pub async fn apply_plan(
-    config: &Config,
     store: &impl StateStore,
     audit: &mut AuditLog,
     dir: &mut Directory,
@@ -570,7 +595,6 @@ pub async fn apply_plan(
     plan: &Plan,
     now: DateTime<Utc>,
 ) -> Result<Applied> {
-    let attr = config.ldap.member_attribute;
     let mut applied = Applied::default();
 
     if let Some(brake) = &plan.brake {
@@ -647,7 +671,7 @@ pub async fn apply_plan(
                 upcoming = Some(tokio::task::spawn_blocking(move || end.prepare(events)));
             }
             if let Some(unit) = answered.take() {
-                unit.settle(&units, ledger, &mut applied, attr, now);
+                unit.settle(&units, ledger, &mut applied, now);
             }
         };
         let (changed, ()) = tokio::join!(dir.change_members(group, how, &values), meanwhile);
@@ -693,7 +717,7 @@ pub async fn apply_plan(
         }
     }
     if let Some(unit) = answered.take() {
-        unit.settle(&units, ledger, &mut applied, attr, now);
+        unit.settle(&units, ledger, &mut applied, now);
     }
 
     // Ledger bookkeeping that changes nothing in the directory.
@@ -750,7 +774,6 @@ impl Answered {
         units: &[(&str, Action, &[&Change])],
         ledger: &mut Ledger,
         applied: &mut Applied,
-        attr: MemberAttribute,
         now: DateTime<Utc>,
     ) {
         let (_, action, chunk) = units[self.unit];
@@ -759,7 +782,7 @@ impl Answered {
                 applied.failed.push(((*change).clone(), why.clone()));
                 continue;
             }
-            let key = change.key(attr);
+            let key = change.key().to_string();
             match action {
                 Action::Grant => {
                     ledger
@@ -1002,6 +1025,11 @@ pub async fn apply(config: &Config, options: ApplyOptions) -> Result<RunReport> 
         orders,
         ledger: Some(ledger.unwrap_or_default()),
         last_good: Some(last_good),
+        save_orders: Some(SaveOrders {
+            store: store.dir().to_path_buf(),
+            profiles: profiles.iter().map(|p| (*p).clone()).collect(),
+            saving: None,
+        }),
         ..Caches::default()
     };
     let report = pass(
@@ -1015,9 +1043,15 @@ pub async fn apply(config: &Config, options: ApplyOptions) -> Result<RunReport> 
     )
     .await;
     dir.close().await;
-    if caches.orders.changed()
-        && let Err(e) = store.save_order_cache(&profiles, &caches.orders)
-    {
+    let saved = match caches.save_orders.take().and_then(|s| s.saving) {
+        Some(saving) => saving
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+        // The scan did not run (the pass failed before it), or no thread could be had.
+        None if caches.orders.changed() => store.save_order_cache(&profiles, &caches.orders),
+        None => Ok(()),
+    };
+    if let Err(e) = saved {
         tracing::warn!("cannot save the order parse cache (the next run reads every file): {e}");
     }
     drop_in_background(caches);
@@ -1103,18 +1137,33 @@ pub async fn pass(
     )
     .await?;
     tracing::debug!(ms = clock.elapsed().as_millis(), "observed");
-    if observed.scan.last_good != last_good_before {
-        store.save_last_good(&observed.scan.last_good)?;
-    }
+    // A changed last-good store is saved on another thread while the plan is made (which
+    // changes nothing); nothing is changed before the save is done.
+    let last_good = std::mem::take(&mut observed.scan.last_good);
+    let saving = if last_good != last_good_before {
+        let store = FileStore::open_read_only(store.dir());
+        Some(tokio::task::spawn_blocking(move || {
+            let saved = store.save_last_good(&last_good);
+            (last_good, saved)
+        }))
+    } else {
+        caches.last_good = Some(last_good);
+        None
+    };
     drop(last_good_before);
-    caches.last_good = Some(std::mem::take(&mut observed.scan.last_good));
-    tracing::debug!(ms = clock.elapsed().as_millis(), "last-good saved");
     let plan = decide(config, &observed, now, options.allow_revocations);
+    if let Some(saving) = saving {
+        let (last_good, saved) = match saving.await {
+            Ok(done) => done,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
+        saved?;
+        caches.last_good = Some(last_good);
+    }
     tracing::debug!(ms = clock.elapsed().as_millis(), "decided");
     // One ledger: the plan is made from it, then the run updates it in place (the report and
     // the notifications see the ledger as the run left it).
-    let mut applied =
-        apply_plan(config, store, audit, dir, &mut observed.ledger, &plan, now).await?;
+    let mut applied = apply_plan(store, audit, dir, &mut observed.ledger, &plan, now).await?;
     if applied.ledger_unsaved {
         store.save_ledger(&observed.ledger)?;
         applied.ledger_unsaved = false;
@@ -1377,7 +1426,7 @@ pub async fn quick_pass(
         }
     }
     let ledger = caches.ledger.as_mut().expect("checked above");
-    match apply_plan(config, store, audit, dir, ledger, &grants, now).await {
+    match apply_plan(store, audit, dir, ledger, &grants, now).await {
         Ok(applied) => {
             caches.ledger_unsaved |= applied.ledger_unsaved;
             Ok(Quick::Done {

@@ -247,19 +247,23 @@ impl FileStore {
         profiles: &[&String],
         cache: &ParseCache,
     ) -> Result<(), StateError> {
-        let files = cache.settled(
-            std::time::SystemTime::now(),
-            std::time::Duration::from_secs(2),
-        );
-        self.save(
-            ORDER_CACHE,
-            &SavedParses {
-                profiles: profiles.iter().map(|p| (*p).clone()).collect(),
-                files,
-            },
-        )
+        let files = cache.settled(std::time::SystemTime::now(), ORDER_CACHE_SETTLE);
+        self.save_settled_order_cache(profiles.iter().map(|p| (*p).clone()).collect(), files)
+    }
+
+    /// Saves a cache that holds settled entries only ([`ParseCache::settled`]).
+    pub fn save_settled_order_cache(
+        &self,
+        profiles: Vec<String>,
+        files: ParseCache,
+    ) -> Result<(), StateError> {
+        self.save(ORDER_CACHE, &SavedParses { profiles, files })
     }
 }
+
+/// How long before a run an order file must have been written for its parse to be saved: one
+/// written again within the file system's timestamp granularity could keep its stamp.
+pub const ORDER_CACHE_SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 const ORDER_CACHE: &str = "order-cache.json";
 

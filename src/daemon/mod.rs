@@ -630,12 +630,11 @@ impl Daemon {
     /// Keeps a backoff per failing item: each pass in which it still fails pushes its next
     /// retry further out; items that recovered are forgotten.
     fn schedule_retries(&mut self, report: &RunReport, now: Instant) {
-        let attribute = self.config.ldap.member_attribute;
         let mut failing: Vec<String> = report
             .applied
             .failed
             .iter()
-            .map(|(c, _)| format!("change:{}", c.key(attribute)))
+            .map(|(c, _)| format!("change:{}", c.key()))
             .collect();
         failing.extend(
             report
