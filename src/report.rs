@@ -59,19 +59,19 @@ pub fn plan_text(plan: &Plan, observed: &Observed) -> String {
                 crate::plan::Action::Grant => '+',
                 crate::plan::Action::Revoke => '-',
             };
-            let _ = writeln!(
+            let _ = write!(
                 out,
-                "  {sign} {:<6} {} {} → {} ({}{})",
+                "  {sign} {:<6} {} {} → {} ({}",
                 c.action.as_str(),
                 c.user,
                 c.access,
                 c.group,
                 c.reason,
-                c.order
-                    .as_ref()
-                    .map(|o| format!("; order {o}"))
-                    .unwrap_or_default()
             );
+            if let Some(o) = &c.order {
+                let _ = write!(out, "; order {o}");
+            }
+            out.push_str(")\n");
         }
     }
     if let Some(b) = &plan.brake {
