@@ -1117,13 +1117,15 @@ note = "ST-läkare, radiologi"
         assert!(cache.entries.is_empty());
     }
 
+    /// A valid order for `user` naming the profile `wim`.
+    fn order(id: &str, user: &str) -> String {
+        format!("id = \"{id}\"\nuser = \"{user}\"\naccess = [\"wim\"]\nordered_by = \"m\"\n")
+    }
+
     #[test]
     fn a_large_directory_read_on_several_threads_gives_what_one_thread_gives() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let order = |id: &str, user: &str| {
-            format!("id = \"{id}\"\nuser = \"{user}\"\naccess = [\"wim\"]\nordered_by = \"m\"\n")
-        };
         let n = PARALLEL_FROM + 88;
         for i in 0..n {
             write(
@@ -1156,9 +1158,6 @@ note = "ST-läkare, radiologi"
     fn quick_view_gives_the_users_orders_or_leaves_it_to_a_full_scan() {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
-        let order = |id: &str, user: &str| {
-            format!("id = \"{id}\"\nuser = \"{user}\"\naccess = [\"wim\"]\nordered_by = \"m\"\n")
-        };
         write(d, "a1.toml", &order("A-1", "anna"));
         write(d, "b1.toml", &order("B-1", "bertil"));
         let mut cache = ParseCache::default();
