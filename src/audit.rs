@@ -272,7 +272,7 @@ pub fn record_hash(record_without_hash: &Value) -> String {
         Value::Object(map) => write_object(map, Some("hash"), &mut canonical),
         other => write_canonical(other, &mut canonical),
     }
-    hex::encode(Sha256::digest(canonical.as_bytes()))
+    hex_digest(canonical.as_bytes())
 }
 
 /// Compact JSON with keys sorted recursively and non-ASCII left as UTF-8. This is what Python's
@@ -577,7 +577,7 @@ fn parse_record(line: &[u8]) -> Result<Parsed, String> {
     };
     let mut without_hash = String::new();
     write_object(&map, Some("hash"), &mut without_hash);
-    let computed = hex::encode(Sha256::digest(without_hash.as_bytes()));
+    let computed = hex_digest(without_hash.as_bytes());
     if computed != hash {
         return Err(format!(
             "hash does not match the content (stored {hash}, computed {computed}): the record was \
@@ -968,7 +968,7 @@ impl AuditLog {
             detail: Some(serde_json::json!({
                 "file": side_name,
                 "bytes": bytes,
-                "sha256": hex::encode(Sha256::digest(&torn)),
+                "sha256": hex_digest(&torn),
             })),
             ..Event::default()
         }])?;

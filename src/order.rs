@@ -714,7 +714,7 @@ pub fn scan_cached(
         files.push((name, entry.path()));
     }
     // Each file is stamped, and read unless the cache holds its current version; a large
-    // directory on two threads (a first run reads 20,000 files).
+    // directory on several threads (a first run reads 20,000 files).
     let entries = &cache.entries;
     let look = |(name, path): &(String, PathBuf)| {
         let stamp = FileStamp::of(path);

@@ -229,17 +229,16 @@ fn check_courses(
     with_evidence: bool,
 ) -> CourseCheck {
     let mut check = CourseCheck {
-        evidence: Vec::with_capacity(if with_evidence {
-            config.access.get(profile).map_or(0, |p| p.courses.len())
-        } else {
-            0
-        }),
+        evidence: Vec::new(),
         missing: Vec::new(),
         unknown: Vec::new(),
     };
     let Some(p) = config.access.get(profile) else {
         return check;
     };
+    if with_evidence {
+        check.evidence.reserve_exact(p.courses.len());
+    }
     for key in &p.courses {
         let Some(course) = config.courses.get(key) else {
             check
@@ -353,8 +352,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     // the pairs are done: a set would cost half as much again in nodes.
     let mut kept: Vec<Cow<str>> = Vec::new();
     let mut held_users: BTreeSet<(String, String)> = BTreeSet::new();
-    // Grants with their membership keys, put in key order once all are made.
-    let mut grants: Vec<(String, Change)> = Vec::new();
+    // Grants, put in the order of their keys once all are made.
+    let mut grants: Vec<Change> = Vec::new();
     let mut lapse_revokes: BTreeMap<String, (String, String)> = BTreeMap::new();
     // (user, normalized group) -> why the pair no longer wants the membership.
     let mut lost_reason: BTreeMap<(String, String), String> = BTreeMap::new();
@@ -545,26 +544,23 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 });
             } else {
                 decision.reason = Cow::Borrowed("all courses passed; will be added to the group");
-                grants.push((
-                    key.clone(),
-                    Change {
-                        key,
-                        action: Action::Grant,
-                        user: user.to_string(),
-                        user_dn: match lookup {
-                            Some(UserLookup::Found { dn, .. }) => Some(dn.clone()),
-                            _ => None,
-                        },
-                        member: member_value,
-                        access: access.to_string(),
-                        group: profile.group.clone(),
-                        order: Some(first.order.id.clone()),
-                        ticket: first.order.ticket.clone(),
-                        evidence: check.evidence,
-                        reason: "all required courses passed".to_string(),
-                        owned: true,
+                grants.push(Change {
+                    key,
+                    action: Action::Grant,
+                    user: user.to_string(),
+                    user_dn: match lookup {
+                        Some(UserLookup::Found { dn, .. }) => Some(dn.clone()),
+                        _ => None,
                     },
-                ));
+                    member: member_value,
+                    access: access.to_string(),
+                    group: profile.group.clone(),
+                    order: Some(first.order.id.clone()),
+                    ticket: first.order.ticket.clone(),
+                    evidence: check.evidence,
+                    reason: "all required courses passed".to_string(),
+                    owned: true,
+                });
             }
             out.decisions.push(decision);
             continue;
@@ -769,15 +765,12 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
 
 /// The changes in the order of their keys, the first of each key only (two profiles naming one
 /// group grant its membership once). Sorts the keys, not the changes: a first run has 60,000.
-fn in_key_order(keyed: Vec<(String, Change)>) -> Vec<Change> {
-    let mut order: Vec<usize> = (0..keyed.len()).collect();
-    order.sort_unstable_by(|&a, &b| keyed[a].0.cmp(&keyed[b].0).then(a.cmp(&b)));
-    order.dedup_by(|later, earlier| keyed[*later].0 == keyed[*earlier].0);
-    let mut slots: Vec<Option<(String, Change)>> = keyed.into_iter().map(Some).collect();
-    order
-        .iter()
-        .filter_map(|&i| slots[i].take().map(|(_, change)| change))
-        .collect()
+fn in_key_order(changes: Vec<Change>) -> Vec<Change> {
+    let mut order: Vec<usize> = (0..changes.len()).collect();
+    order.sort_unstable_by(|&a, &b| changes[a].key.cmp(&changes[b].key).then(a.cmp(&b)));
+    order.dedup_by(|later, earlier| changes[*later].key == changes[*earlier].key);
+    let mut slots: Vec<Option<Change>> = changes.into_iter().map(Some).collect();
+    order.iter().filter_map(|&i| slots[i].take()).collect()
 }
 
 /// SPEC §3 revocation brake: `None` when the revocations may go ahead.

@@ -70,8 +70,7 @@ pub struct Caches {
 /// Where a one-shot run saves its order parse cache, and the save under way.
 #[derive(Debug)]
 struct SaveOrders {
-    store: std::path::PathBuf,
-    profiles: Vec<String>,
+    store: FileStore,
     saving: Option<std::thread::JoinHandle<std::result::Result<(), crate::state::StateError>>>,
 }
 
@@ -190,10 +189,7 @@ async fn observe_scoped(
     } else {
         Prefetched::default()
     };
-    let (scan, cache) = match reading.await {
-        Ok(read) => read,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    };
+    let (scan, cache) = joined(reading).await;
     caches.orders = cache;
     if let Some(save) = caches.save_orders.as_mut()
         && caches.orders.changed()
@@ -203,8 +199,8 @@ async fn observe_scoped(
             std::time::SystemTime::now(),
             crate::state::ORDER_CACHE_SETTLE,
         );
-        let store = FileStore::open_read_only(&save.store);
-        let profiles = save.profiles.clone();
+        let store = save.store.clone();
+        let profiles = config.access.keys().cloned().collect();
         save.saving = std::thread::Builder::new()
             .name("order-cache".into())
             .spawn(move || store.save_settled_order_cache(profiles, settled))
@@ -269,10 +265,7 @@ async fn observe_scoped(
     let courses = match report {
         Some(Report::Kept(facts)) => facts,
         Some(Report::Loading(stamp, loading)) => {
-            let facts = match loading.await {
-                Ok(facts) => facts,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            };
+            let facts = joined(loading).await;
             caches.courses = Some((stamp, facts.clone()));
             facts
         }
@@ -665,11 +658,7 @@ pub async fn apply_plan(
     let mut answered: Option<Answered> = None;
     for (i, &(group, action, chunk)) in units.iter().enumerate() {
         let prepared = match upcoming.take() {
-            // Only a panic (a bug) fails the task itself: it goes on as the panic it was.
-            Some(handle) => match handle.await {
-                Ok(prepared) => prepared?,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            },
+            Some(handle) => joined(handle).await?,
             None => audit
                 .chain_end()
                 .prepare(chunk.iter().map(|c| change_event(c)).collect())?,
@@ -1027,7 +1016,7 @@ pub async fn apply(config: &Config, options: ApplyOptions) -> Result<RunReport> 
     let _lock = store.lock()?;
     // The ledger and the last-good store are read on another thread meanwhile (under the lock).
     let loading = {
-        let store = FileStore::open_read_only(store.dir());
+        let store = store.clone();
         tokio::task::spawn_blocking(move || {
             Ok::<_, Error>((store.load_ledger()?, store.load_last_good()?))
         })
@@ -1037,17 +1026,13 @@ pub async fn apply(config: &Config, options: ApplyOptions) -> Result<RunReport> 
     let mut dir = connect(config).await?;
     let profiles: Vec<&String> = config.access.keys().collect();
     let orders = store.load_order_cache(&profiles);
-    let (ledger, last_good) = match loading.await {
-        Ok(loaded) => loaded?,
-        Err(e) => std::panic::resume_unwind(e.into_panic()),
-    };
+    let (ledger, last_good) = joined(loading).await?;
     let mut caches = Caches {
         orders,
         ledger: Some(ledger.unwrap_or_default()),
         last_good: Some(last_good),
         save_orders: Some(SaveOrders {
-            store: store.dir().to_path_buf(),
-            profiles: profiles.iter().map(|p| (*p).clone()).collect(),
+            store: store.clone(),
             saving: None,
         }),
         ..Caches::default()
@@ -1091,6 +1076,15 @@ pub async fn apply(config: &Config, options: ApplyOptions) -> Result<RunReport> 
         report.observed.notifications = Some(n.view().await);
     }
     Ok(report)
+}
+
+/// What a task spawned for work beside the pass returned. Only a panic (a bug) fails the task
+/// itself: it goes on as the panic it was.
+async fn joined<T>(task: tokio::task::JoinHandle<T>) -> T {
+    match task.await {
+        Ok(value) => value,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 /// Frees `value` on a thread of its own. A one-shot run ends with the state of 20,000 orders in
@@ -1161,7 +1155,7 @@ pub async fn pass(
     // changes nothing); nothing is changed before the save is done.
     let last_good = std::mem::take(&mut observed.scan.last_good);
     let saving = if last_good != last_good_before {
-        let store = FileStore::open_read_only(store.dir());
+        let store = store.clone();
         Some(tokio::task::spawn_blocking(move || {
             let saved = store.save_last_good(&last_good);
             (last_good, saved)
@@ -1173,10 +1167,7 @@ pub async fn pass(
     drop(last_good_before);
     let plan = decide(config, &observed, now, options.allow_revocations);
     if let Some(saving) = saving {
-        let (last_good, saved) = match saving.await {
-            Ok(done) => done,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
-        };
+        let (last_good, saved) = joined(saving).await;
         saved?;
         caches.last_good = Some(last_good);
     }

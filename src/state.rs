@@ -137,8 +137,9 @@ pub trait StateStore {
     fn save_acceptances(&self, acceptances: &Acceptances) -> Result<(), StateError>;
 }
 
-/// The file-based store: one JSON document per concern in `state_dir`.
-#[derive(Debug)]
+/// The file-based store: one JSON document per concern in `state_dir`. A clone is another handle
+/// on the same directory (for work on another thread).
+#[derive(Debug, Clone)]
 pub struct FileStore {
     dir: PathBuf,
 }
