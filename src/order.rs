@@ -474,6 +474,41 @@ fn validate(
 
 // === scanning the directory ===
 
+/// Reads and parses a file that the directory listing says is a regular file, with one path
+/// lookup (open, then `fstat` on the open file) where [`FileStamp::of`] and [`load_file`] make
+/// three: a first run reads 20,000 files, and the lookups were most of its system time. The
+/// stamp is the opened file's, taken before it is read, so a file changed meanwhile is read
+/// again by the next scan. `None` if anything is unusual (not regular after all, too large,
+/// any error): the caller then takes the careful way, whose messages name the problem.
+fn load_regular_file(
+    path: &Path,
+    kind: FileKind,
+    is_profile: &dyn Fn(&str) -> bool,
+) -> Option<(FileStamp, Result<Order, String>)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // No symlink is followed, and a FIFO swapped in since the listing does not block the open.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.file_type().is_file() || meta.len() > MAX_ORDER_BYTES {
+        return None;
+    }
+    // Room for one byte more than fstat said, so that one read returns the whole file.
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).ok()? + 1);
+    (&file)
+        .take(MAX_ORDER_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    if bytes.len() as u64 > MAX_ORDER_BYTES {
+        return None;
+    }
+    let parsed = parse(&bytes, kind, is_profile).map_err(|e| e.to_string());
+    Some((FileStamp::from_metadata(&meta), parsed))
+}
+
 /// Reads one file's bytes, refusing anything that is not a regular file or is too large.
 fn read_order_file(path: &Path) -> Result<Vec<u8>, String> {
     let meta = std::fs::symlink_metadata(path).map_err(|e| format!("cannot read: {e}"))?;
@@ -673,15 +708,29 @@ pub struct FileStamp {
 impl FileStamp {
     /// The stamp of `path` (following no symlink), or `None` if it cannot be read.
     pub fn of(path: &Path) -> Option<FileStamp> {
+        std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| FileStamp::from_metadata(&m))
+    }
+
+    fn from_metadata(m: &std::fs::Metadata) -> FileStamp {
         use std::os::unix::fs::MetadataExt;
-        let m = std::fs::symlink_metadata(path).ok()?;
-        Some(FileStamp {
+        FileStamp {
             len: m.len(),
             mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
             ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
             ino: m.ino(),
-        })
+        }
     }
+}
+
+/// An order file as the directory listing shows it.
+struct Listed {
+    name: String,
+    path: PathBuf,
+    kind: FileKind,
+    /// Whether the listing says it is a regular file (not a symlink, directory, FIFO, …).
+    regular: bool,
 }
 
 /// [`scan`] that reuses the parse results of files that did not change since the last call.
@@ -696,11 +745,12 @@ pub fn scan_cached(
         source,
     };
     let mut scan = Scan::default();
-    let mut files: Vec<(String, PathBuf)> = Vec::new();
+    let mut files: Vec<Listed> = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read_err)? {
         let entry = entry.map_err(read_err)?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        match classify(&name) {
+        let kind = classify(&name);
+        match kind {
             FileKind::Ignored => continue,
             FileKind::Other => {
                 scan.ignored.push((
@@ -711,24 +761,37 @@ pub fn scan_cached(
             }
             FileKind::Toml | FileKind::Json => {}
         }
-        files.push((name, entry.path()));
+        // The listing's file type costs no system call where the filesystem records it.
+        let regular = entry.file_type().is_ok_and(|t| t.is_file());
+        files.push(Listed {
+            path: entry.path(),
+            name,
+            kind,
+            regular,
+        });
     }
-    // Each file is stamped, and read unless the cache holds its current version; a large
-    // directory on several threads (a first run reads 20,000 files).
+    // Each file is read unless the cache holds its current version; a large directory on
+    // several threads (a first run reads 20,000 files).
     let entries = &cache.entries;
-    let look = |(name, path): &(String, PathBuf)| {
-        let stamp = FileStamp::of(path);
-        match (stamp, entries.get(name)) {
+    let look = |file: &Listed| {
+        let cached = entries.get(&file.name);
+        if cached.is_none()
+            && file.regular
+            && let Some((stamp, parsed)) = load_regular_file(&file.path, file.kind, is_profile)
+        {
+            return (Some(stamp), parsed.map(Arc::new), true);
+        }
+        let stamp = FileStamp::of(&file.path);
+        match (stamp, cached) {
             (Some(now), Some((then, result))) if now == *then => (stamp, result.clone(), false),
-            _ => (stamp, load_file(path, is_profile).map(Arc::new), true),
+            _ => (stamp, load_file(&file.path, is_profile).map(Arc::new), true),
         }
     };
     let looked: Vec<_> = if files.len() >= PARALLEL_FROM {
         // More threads than cores: when the files are not in the page cache (evicted since
         // they were written), each read waits for the disk, and several reads in flight at
         // once are what makes that fast. With the files cached the extra threads cost little.
-        let chunks: Vec<&[(String, PathBuf)]> =
-            files.chunks(files.len().div_ceil(SCAN_THREADS)).collect();
+        let chunks: Vec<&[Listed]> = files.chunks(files.len().div_ceil(SCAN_THREADS)).collect();
         std::thread::scope(|s| {
             let others: Vec<_> = chunks[1..]
                 .iter()
@@ -757,7 +820,7 @@ pub fn scan_cached(
         files.iter().map(look).collect()
     };
     let mut parsed: Vec<(String, Result<Arc<Order>, String>)> = Vec::with_capacity(files.len());
-    for ((name, _), (stamp, result, read)) in files.into_iter().zip(looked) {
+    for (Listed { name, .. }, (stamp, result, read)) in files.into_iter().zip(looked) {
         if read && let Some(stamp) = stamp {
             cache.entries.insert(name.clone(), (stamp, result.clone()));
             cache.changed = true;
@@ -1115,6 +1178,44 @@ note = "ST-läkare, radiologi"
         let third = scan_cached(d, &profiles, &second.last_good, &mut cache).unwrap();
         assert!(third.orders.is_empty());
         assert!(cache.entries.is_empty());
+    }
+
+    #[test]
+    fn the_one_lookup_read_leaves_every_unusual_file_to_the_careful_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        write(d, "a.toml", GOOD);
+        let (stamp, parsed) = load_regular_file(&d.join("a.toml"), FileKind::Toml, &profiles)
+            .expect("a regular file is read");
+        // The stamp is the one a later scan compares with.
+        assert_eq!(Some(stamp), FileStamp::of(&d.join("a.toml")));
+        assert_eq!(parsed.unwrap().user, "anna.andersson");
+        // Invalid content is still this read's result.
+        write(d, "bad.toml", "id = ");
+        let (_, parsed) = load_regular_file(&d.join("bad.toml"), FileKind::Toml, &profiles)
+            .expect("a regular file is read");
+        assert!(parsed.is_err());
+
+        std::os::unix::fs::symlink(d.join("a.toml"), d.join("link.toml")).unwrap();
+        std::fs::create_dir(d.join("dir.toml")).unwrap();
+        let out = std::process::Command::new("mkfifo")
+            .arg(d.join("fifo.toml"))
+            .output()
+            .expect("run mkfifo");
+        assert!(out.status.success(), "mkfifo: {out:?}");
+        write(d, "big.toml", &"#".repeat(MAX_ORDER_BYTES as usize + 1));
+        for name in [
+            "link.toml",
+            "dir.toml",
+            "fifo.toml",
+            "big.toml",
+            "gone.toml",
+        ] {
+            assert!(
+                load_regular_file(&d.join(name), FileKind::Toml, &profiles).is_none(),
+                "{name}"
+            );
+        }
     }
 
     /// A valid order for `user` naming the profile `wim`.
