@@ -300,9 +300,13 @@ pub fn in_window(o: &LoadedOrder, now: DateTime<Utc>) -> bool {
 
 /// Computes the plan. Pure: same input, same plan.
 pub fn plan(input: &PlanInput<'_>) -> Plan {
+    plan_split_from(input, PARALLEL_PAIRS)
+}
+
+/// [`plan`], deciding the pairs on two threads from `parallel_from` pairs.
+fn plan_split_from(input: &PlanInput<'_>, parallel_from: usize) -> Plan {
     let config = input.config;
     let attr = config.ldap.member_attribute;
-    let now = input.now;
     let mut out = Plan::default();
 
     // Configured groups (normalized) -> profiles using them.
@@ -346,268 +350,57 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         }
     }
 
-    // Membership keys something still keeps, and (user, group) pairs on hold whose member value
-    // is unknown: nothing of theirs may be revoked. `kept` borrows the ledger's copy of a key
-    // where coursegate owns the membership (most pairs of a large region). A list sorted once
-    // the pairs are done: a set would cost half as much again in nodes.
-    let mut kept: Vec<Cow<str>> = Vec::new();
-    let mut held_users: BTreeSet<(String, String)> = BTreeSet::new();
-    // Grants, put in the order of their keys once all are made.
-    let mut grants: Vec<Change> = Vec::new();
-    let mut lapse_revokes: BTreeMap<String, (String, String)> = BTreeMap::new();
-    // (user, normalized group) -> why the pair no longer wants the membership.
-    let mut lost_reason: BTreeMap<(String, String), String> = BTreeMap::new();
-
     // Normal forms computed once, not once per pair: DN normalization dominated large plans.
     let profile_group_norm: HashMap<&str, String> = config
         .access
         .iter()
         .map(|(name, p)| (name.as_str(), dn::normalize(&p.group)))
         .collect();
-    let mut member_keys: HashMap<&str, String> = HashMap::new();
 
-    out.decisions.reserve_exact(pairs.len());
-    // Consumed as it is decided, so that the map is gone once the decisions are made.
-    for ((user, access), orders) in pairs {
-        let profile = &config.access[access];
-        let group_norm: &str = &profile_group_norm[access];
-        let mut order_ids: Vec<String> = orders.iter().map(|o| o.order.id.clone()).collect();
-        order_ids.sort();
-        order_ids.dedup();
-        let mut decision = Decision {
-            user: user.to_string(),
-            access: access.to_string(),
-            decision: DecisionKind::Wait,
-            reason: Cow::Borrowed(""),
-            orders: order_ids,
-            missing_courses: Vec::new(),
-            member: None,
-        };
-        let lookup = input.directory.users.get(user);
-        let member_value = lookup.and_then(|l| l.member_value(user, attr));
-        let mkey: Option<&String> = match &member_value {
-            Some(m) => Some(
-                member_keys
-                    .entry(user)
-                    .or_insert_with(|| member_key(m, attr)),
-            ),
-            None => None,
-        };
-        let key = mkey.map(|m| [group_norm, "\u{1f}", m].concat());
-        let owned_entry = key
-            .as_ref()
-            .and_then(|k| input.ledger.owned.get_key_value(k));
-        let owned = owned_entry.map(|(_, o)| o);
-        let kept_key = |k: &String| match owned_entry {
-            Some((ledger_key, _)) => Cow::Borrowed(ledger_key.as_str()),
-            None => Cow::Owned(k.clone()),
-        };
-        let members = &group_members[group_norm];
-        decision.member = match (mkey, members) {
-            (Some(m), Ok(set)) => Some(set.contains(m.as_str())),
-            _ => None,
-        };
-
-        let mut active: Vec<&&LoadedOrder> = orders.iter().filter(|o| in_window(o, now)).collect();
-        active.sort_by(|a, b| a.order.id.cmp(&b.order.id));
-        let gated: Vec<&Gate> = active
-            .iter()
-            .filter_map(|o| input.gates.get(&o.order.id))
-            .collect();
-        active.retain(|o| !input.gates.contains_key(&o.order.id));
-        if active.is_empty() && !gated.is_empty() {
-            let unknown = gated.iter().find_map(|g| match g {
-                Gate::Unknown { reason } => Some(reason),
-                Gate::Refused { .. } => None,
-            });
-            if let Some(reason) = unknown {
-                // Whether the order may take effect is unknown: neither grant nor revoke.
-                decision.decision = DecisionKind::Hold;
-                decision.reason =
-                    format!("whether the orderer may order is unknown: {reason}").into();
-                if let Some(k) = &key {
-                    kept.push(kept_key(k));
-                }
-                held_users.insert((user.to_lowercase(), group_norm.to_string()));
-            } else {
-                let reasons: BTreeSet<&str> = gated
-                    .iter()
-                    .map(|g| match g {
-                        Gate::Refused { reason } | Gate::Unknown { reason } => reason.as_str(),
-                    })
-                    .collect();
-                let reason = format!(
-                    "the order is not in effect: {}",
-                    reasons.into_iter().collect::<Vec<_>>().join("; ")
-                );
-                lost_reason.insert((user.to_string(), group_norm.to_string()), reason.clone());
-                decision.decision = DecisionKind::Unauthorized;
-                decision.reason = reason.into();
-            }
-            out.decisions.push(decision);
-            continue;
-        }
-        if active.is_empty() {
-            let future = orders
-                .iter()
-                .filter_map(|o| o.order.valid_from.filter(|f| *f > now))
-                .min();
-            let reason = match future {
-                Some(from) => format!(
-                    "the order is valid from {}",
-                    from.format("%Y-%m-%d %H:%M UTC")
-                ),
-                None => "the order has expired".to_string(),
+    // A large run's pairs on two threads, split between two users: each half is decided as the
+    // one loop would decide it, and the halves are joined in order (a property test holds the
+    // plans equal).
+    let total = pairs.len();
+    let decide =
+        |pairs, capacity| decide_pairs(input, &group_members, &profile_group_norm, pairs, capacity);
+    let later = match pairs.keys().nth(total / 2) {
+        Some(&(user, _)) if total >= parallel_from => pairs.split_off(&(user, "")),
+        _ => BTreeMap::new(),
+    };
+    let Pairs {
+        decisions,
+        mut kept,
+        held_users,
+        grants,
+        lapse_revokes,
+        lost_reason,
+        lapse_marks,
+    } = if later.is_empty() {
+        decide(pairs, total)
+    } else {
+        // Taken by the thread, or by this one if no thread can be had.
+        let later = std::sync::Mutex::new(Some(later));
+        let take = || later.lock().unwrap_or_else(|e| e.into_inner()).take();
+        std::thread::scope(|s| {
+            let spawned = std::thread::Builder::new()
+                .name("plan".into())
+                .spawn_scoped(s, || take().map(|later| decide(later, 0)));
+            let mut found = decide(pairs, total);
+            let rest = match spawned {
+                Ok(thread) => thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                Err(_) => None,
             };
-            lost_reason.insert((user.to_string(), group_norm.to_string()), reason.clone());
-            decision.reason = reason.into();
-            decision.decision = if future.is_some() {
-                DecisionKind::Wait
-            } else {
-                DecisionKind::Expired
-            };
-            out.decisions.push(decision);
-            continue;
-        }
-        let first = active[0];
-
-        match lookup {
-            None | Some(UserLookup::Failed { .. }) => {
-                let why = match lookup {
-                    Some(UserLookup::Failed { reason }) => reason.clone(),
-                    _ => "the user was not looked up".to_string(),
-                };
-                decision.decision = DecisionKind::Hold;
-                decision.reason = format!("directory lookup of the user failed: {why}").into();
-                held_users.insert((user.to_lowercase(), group_norm.to_string()));
-                out.decisions.push(decision);
-                continue;
-            }
-            Some(UserLookup::Ambiguous { count }) => {
-                decision.decision = DecisionKind::Hold;
-                decision.reason = format!(
-                    "the user filter matches {count} directory entries; it must match exactly one"
-                )
-                .into();
-                held_users.insert((user.to_lowercase(), group_norm.to_string()));
-                out.decisions.push(decision);
-                continue;
-            }
-            Some(UserLookup::NotFound) => {
-                const REASON: &str = "the user filter matches no directory entry";
-                lost_reason.insert(
-                    (user.to_string(), group_norm.to_string()),
-                    REASON.to_string(),
-                );
-                decision.decision = DecisionKind::Wait;
-                decision.reason = Cow::Borrowed(REASON);
-                out.decisions.push(decision);
-                continue;
-            }
-            Some(UserLookup::Found { .. }) => {}
-        }
-        let (Some(member_value), Some(key)) = (member_value, key) else {
-            continue;
-        };
-
-        if let Err(e) = members {
-            decision.decision = DecisionKind::Hold;
-            decision.reason = format!("members of {} could not be read: {e}", profile.group).into();
-            kept.push(kept_key(&key));
-            out.decisions.push(decision);
-            continue;
-        }
-        let is_member = decision.member == Some(true);
-
-        // Evidence goes into a grant's record only: a member is granted nothing.
-        let check = check_courses(config, access, user, input.courses, now, !is_member);
-        if !check.unknown.is_empty() {
-            decision.decision = DecisionKind::Hold;
-            decision.reason = format!("course result unknown: {}", check.unknown.join("; ")).into();
-            kept.push(kept_key(&key));
-            out.decisions.push(decision);
-            continue;
-        }
-        if check.missing.is_empty() {
-            decision.decision = DecisionKind::Grant;
-            kept.push(kept_key(&key));
-            if let Some(o) = owned
-                && o.lapse_since.is_some()
-            {
-                out.lapse_marks.insert(key.clone(), None);
-            }
-            if is_member {
-                decision.reason = Cow::Borrowed(if owned.is_some() {
-                    "all courses passed; access granted"
-                } else {
-                    "all courses passed; already a member (added outside coursegate)"
-                });
-            } else {
-                decision.reason = Cow::Borrowed("all courses passed; will be added to the group");
-                grants.push(Change {
-                    key,
-                    action: Action::Grant,
-                    user: user.to_string(),
-                    user_dn: match lookup {
-                        Some(UserLookup::Found { dn, .. }) => Some(dn.clone()),
-                        _ => None,
-                    },
-                    member: member_value,
-                    access: access.to_string(),
-                    group: profile.group.clone(),
-                    order: Some(first.order.id.clone()),
-                    ticket: first.order.ticket.clone(),
-                    evidence: check.evidence,
-                    reason: "all required courses passed".to_string(),
-                    owned: true,
-                });
-            }
-            out.decisions.push(decision);
-            continue;
-        }
-
-        decision.missing_courses = check.missing.clone();
-        let missing = check.missing.join(", ");
-        match owned {
-            Some(o) => {
-                decision.decision = DecisionKind::Lapse;
-                let since = o.lapse_since.unwrap_or(now);
-                if o.lapse_since.is_none() {
-                    out.lapse_marks.insert(key.clone(), Some(now));
-                }
-                let grace = chrono::Duration::from_std(profile.lapse_grace)
-                    .unwrap_or(chrono::Duration::MAX);
-                if profile.revoke_on_lapse && since + grace <= now {
-                    decision.decision = DecisionKind::Revoke;
-                    decision.reason = format!(
-                        "course requirement lapsed ({missing}) since {} and the grace of {} has passed",
-                        since.format("%Y-%m-%d"),
-                        humantime::format_duration(profile.lapse_grace)
-                    ).into();
-                    lapse_revokes
-                        .insert(key, (decision.reason.to_string(), first.order.id.clone()));
-                } else {
-                    decision.reason = if profile.revoke_on_lapse {
-                        format!(
-                            "course requirement lapsed ({missing}); kept until {}",
-                            (since + grace).format("%Y-%m-%d")
-                        )
-                    } else {
-                        format!(
-                            "course requirement lapsed ({missing}); kept (revoke_on_lapse is off)"
-                        )
-                    }
-                    .into();
-                    kept.push(kept_key(&key));
-                }
-            }
-            None => {
-                decision.decision = DecisionKind::Wait;
-                decision.reason = format!("waiting for course: {missing}").into();
-            }
-        }
-        out.decisions.push(decision);
-    }
+            found.extend(
+                rest.or_else(|| take().map(|later| decide(later, 0)))
+                    .expect("the later pairs are decided by one thread or the other"),
+            );
+            found
+        })
+    };
+    out.decisions = decisions;
+    out.lapse_marks = lapse_marks;
 
     kept.sort_unstable();
     kept.dedup();
@@ -761,6 +554,315 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         out.decisions.sort_by(by_pair);
     }
     out
+}
+
+/// What the pair loop of [`plan`] found over a run of (user, profile) pairs.
+struct Pairs<'a> {
+    /// One per pair, in the pairs' order.
+    decisions: Vec<Decision>,
+    /// Membership keys something still keeps. `kept` borrows the ledger's copy of a key where
+    /// coursegate owns the membership (most pairs of a large region). A list, sorted once the
+    /// pairs are done: a set would cost half as much again in nodes.
+    kept: Vec<Cow<'a, str>>,
+    /// (user, group) pairs on hold whose member value is unknown: nothing of theirs may be
+    /// revoked.
+    held_users: BTreeSet<(String, String)>,
+    /// Grants, put in the order of their keys once all are made.
+    grants: Vec<Change>,
+    lapse_revokes: BTreeMap<String, (String, String)>,
+    /// (user, normalized group) -> why the pair no longer wants the membership.
+    lost_reason: BTreeMap<(String, String), String>,
+    lapse_marks: BTreeMap<String, Option<DateTime<Utc>>>,
+}
+
+impl<'a> Pairs<'a> {
+    /// Appends what was found over pairs that all come after this run's: the lists continue
+    /// in order, and a map entry both found is the later one, as one loop over all the pairs
+    /// would have left it.
+    fn extend(&mut self, later: Pairs<'a>) {
+        self.decisions.extend(later.decisions);
+        self.kept.extend(later.kept);
+        self.held_users.extend(later.held_users);
+        self.grants.extend(later.grants);
+        self.lapse_revokes.extend(later.lapse_revokes);
+        self.lost_reason.extend(later.lost_reason);
+        self.lapse_marks.extend(later.lapse_marks);
+    }
+}
+
+/// From this many (user, profile) pairs, [`plan`] decides them on two threads.
+const PARALLEL_PAIRS: usize = 4096;
+
+/// Decides the pairs of `pairs` (SPEC §3, one (user, profile) pair at a time). `capacity`: room
+/// for this many decisions, so that a later run's can be appended without growing the list.
+fn decide_pairs<'a>(
+    input: &PlanInput<'a>,
+    group_members: &HashMap<String, Result<BTreeSet<Cow<str>>, String>>,
+    profile_group_norm: &HashMap<&str, String>,
+    pairs: BTreeMap<(&'a str, &'a str), Vec<&'a LoadedOrder>>,
+    capacity: usize,
+) -> Pairs<'a> {
+    let config = input.config;
+    let attr = config.ldap.member_attribute;
+    let now = input.now;
+    let mut part = Pairs {
+        decisions: Vec::with_capacity(capacity.max(pairs.len())),
+        kept: Vec::new(),
+        held_users: BTreeSet::new(),
+        grants: Vec::new(),
+        lapse_revokes: BTreeMap::new(),
+        lost_reason: BTreeMap::new(),
+        lapse_marks: BTreeMap::new(),
+    };
+    let mut member_keys: HashMap<&str, String> = HashMap::new();
+    // Consumed as it is decided, so that the map is gone once the decisions are made.
+    for ((user, access), orders) in pairs {
+        let profile = &config.access[access];
+        let group_norm: &str = &profile_group_norm[access];
+        let mut order_ids: Vec<String> = orders.iter().map(|o| o.order.id.clone()).collect();
+        order_ids.sort();
+        order_ids.dedup();
+        let mut decision = Decision {
+            user: user.to_string(),
+            access: access.to_string(),
+            decision: DecisionKind::Wait,
+            reason: Cow::Borrowed(""),
+            orders: order_ids,
+            missing_courses: Vec::new(),
+            member: None,
+        };
+        let lookup = input.directory.users.get(user);
+        let member_value = lookup.and_then(|l| l.member_value(user, attr));
+        let mkey: Option<&String> = match &member_value {
+            Some(m) => Some(
+                member_keys
+                    .entry(user)
+                    .or_insert_with(|| member_key(m, attr)),
+            ),
+            None => None,
+        };
+        let key = mkey.map(|m| [group_norm, "\u{1f}", m].concat());
+        let owned_entry = key
+            .as_ref()
+            .and_then(|k| input.ledger.owned.get_key_value(k));
+        let owned = owned_entry.map(|(_, o)| o);
+        let kept_key = |k: &String| match owned_entry {
+            Some((ledger_key, _)) => Cow::Borrowed(ledger_key.as_str()),
+            None => Cow::Owned(k.clone()),
+        };
+        let members = &group_members[group_norm];
+        decision.member = match (mkey, members) {
+            (Some(m), Ok(set)) => Some(set.contains(m.as_str())),
+            _ => None,
+        };
+
+        let mut active: Vec<&&LoadedOrder> = orders.iter().filter(|o| in_window(o, now)).collect();
+        active.sort_by(|a, b| a.order.id.cmp(&b.order.id));
+        let gated: Vec<&Gate> = active
+            .iter()
+            .filter_map(|o| input.gates.get(&o.order.id))
+            .collect();
+        active.retain(|o| !input.gates.contains_key(&o.order.id));
+        if active.is_empty() && !gated.is_empty() {
+            let unknown = gated.iter().find_map(|g| match g {
+                Gate::Unknown { reason } => Some(reason),
+                Gate::Refused { .. } => None,
+            });
+            if let Some(reason) = unknown {
+                // Whether the order may take effect is unknown: neither grant nor revoke.
+                decision.decision = DecisionKind::Hold;
+                decision.reason =
+                    format!("whether the orderer may order is unknown: {reason}").into();
+                if let Some(k) = &key {
+                    part.kept.push(kept_key(k));
+                }
+                part.held_users
+                    .insert((user.to_lowercase(), group_norm.to_string()));
+            } else {
+                let reasons: BTreeSet<&str> = gated
+                    .iter()
+                    .map(|g| match g {
+                        Gate::Refused { reason } | Gate::Unknown { reason } => reason.as_str(),
+                    })
+                    .collect();
+                let reason = format!(
+                    "the order is not in effect: {}",
+                    reasons.into_iter().collect::<Vec<_>>().join("; ")
+                );
+                part.lost_reason
+                    .insert((user.to_string(), group_norm.to_string()), reason.clone());
+                decision.decision = DecisionKind::Unauthorized;
+                decision.reason = reason.into();
+            }
+            part.decisions.push(decision);
+            continue;
+        }
+        if active.is_empty() {
+            let future = orders
+                .iter()
+                .filter_map(|o| o.order.valid_from.filter(|f| *f > now))
+                .min();
+            let reason = match future {
+                Some(from) => format!(
+                    "the order is valid from {}",
+                    from.format("%Y-%m-%d %H:%M UTC")
+                ),
+                None => "the order has expired".to_string(),
+            };
+            part.lost_reason
+                .insert((user.to_string(), group_norm.to_string()), reason.clone());
+            decision.reason = reason.into();
+            decision.decision = if future.is_some() {
+                DecisionKind::Wait
+            } else {
+                DecisionKind::Expired
+            };
+            part.decisions.push(decision);
+            continue;
+        }
+        let first = active[0];
+
+        match lookup {
+            None | Some(UserLookup::Failed { .. }) => {
+                let why = match lookup {
+                    Some(UserLookup::Failed { reason }) => reason.clone(),
+                    _ => "the user was not looked up".to_string(),
+                };
+                decision.decision = DecisionKind::Hold;
+                decision.reason = format!("directory lookup of the user failed: {why}").into();
+                part.held_users
+                    .insert((user.to_lowercase(), group_norm.to_string()));
+                part.decisions.push(decision);
+                continue;
+            }
+            Some(UserLookup::Ambiguous { count }) => {
+                decision.decision = DecisionKind::Hold;
+                decision.reason = format!(
+                    "the user filter matches {count} directory entries; it must match exactly one"
+                )
+                .into();
+                part.held_users
+                    .insert((user.to_lowercase(), group_norm.to_string()));
+                part.decisions.push(decision);
+                continue;
+            }
+            Some(UserLookup::NotFound) => {
+                const REASON: &str = "the user filter matches no directory entry";
+                part.lost_reason.insert(
+                    (user.to_string(), group_norm.to_string()),
+                    REASON.to_string(),
+                );
+                decision.decision = DecisionKind::Wait;
+                decision.reason = Cow::Borrowed(REASON);
+                part.decisions.push(decision);
+                continue;
+            }
+            Some(UserLookup::Found { .. }) => {}
+        }
+        let (Some(member_value), Some(key)) = (member_value, key) else {
+            continue;
+        };
+
+        if let Err(e) = members {
+            decision.decision = DecisionKind::Hold;
+            decision.reason = format!("members of {} could not be read: {e}", profile.group).into();
+            part.kept.push(kept_key(&key));
+            part.decisions.push(decision);
+            continue;
+        }
+        let is_member = decision.member == Some(true);
+
+        // Evidence goes into a grant's record only: a member is granted nothing.
+        let check = check_courses(config, access, user, input.courses, now, !is_member);
+        if !check.unknown.is_empty() {
+            decision.decision = DecisionKind::Hold;
+            decision.reason = format!("course result unknown: {}", check.unknown.join("; ")).into();
+            part.kept.push(kept_key(&key));
+            part.decisions.push(decision);
+            continue;
+        }
+        if check.missing.is_empty() {
+            decision.decision = DecisionKind::Grant;
+            part.kept.push(kept_key(&key));
+            if let Some(o) = owned
+                && o.lapse_since.is_some()
+            {
+                part.lapse_marks.insert(key.clone(), None);
+            }
+            if is_member {
+                decision.reason = Cow::Borrowed(if owned.is_some() {
+                    "all courses passed; access granted"
+                } else {
+                    "all courses passed; already a member (added outside coursegate)"
+                });
+            } else {
+                decision.reason = Cow::Borrowed("all courses passed; will be added to the group");
+                part.grants.push(Change {
+                    key,
+                    action: Action::Grant,
+                    user: user.to_string(),
+                    user_dn: match lookup {
+                        Some(UserLookup::Found { dn, .. }) => Some(dn.clone()),
+                        _ => None,
+                    },
+                    member: member_value,
+                    access: access.to_string(),
+                    group: profile.group.clone(),
+                    order: Some(first.order.id.clone()),
+                    ticket: first.order.ticket.clone(),
+                    evidence: check.evidence,
+                    reason: "all required courses passed".to_string(),
+                    owned: true,
+                });
+            }
+            part.decisions.push(decision);
+            continue;
+        }
+
+        decision.missing_courses = check.missing.clone();
+        let missing = check.missing.join(", ");
+        match owned {
+            Some(o) => {
+                decision.decision = DecisionKind::Lapse;
+                let since = o.lapse_since.unwrap_or(now);
+                if o.lapse_since.is_none() {
+                    part.lapse_marks.insert(key.clone(), Some(now));
+                }
+                let grace = chrono::Duration::from_std(profile.lapse_grace)
+                    .unwrap_or(chrono::Duration::MAX);
+                if profile.revoke_on_lapse && since + grace <= now {
+                    decision.decision = DecisionKind::Revoke;
+                    decision.reason = format!(
+                        "course requirement lapsed ({missing}) since {} and the grace of {} has passed",
+                        since.format("%Y-%m-%d"),
+                        humantime::format_duration(profile.lapse_grace)
+                    ).into();
+                    part.lapse_revokes
+                        .insert(key, (decision.reason.to_string(), first.order.id.clone()));
+                } else {
+                    decision.reason = if profile.revoke_on_lapse {
+                        format!(
+                            "course requirement lapsed ({missing}); kept until {}",
+                            (since + grace).format("%Y-%m-%d")
+                        )
+                    } else {
+                        format!(
+                            "course requirement lapsed ({missing}); kept (revoke_on_lapse is off)"
+                        )
+                    }
+                    .into();
+                    part.kept.push(kept_key(&key));
+                }
+            }
+            None => {
+                decision.decision = DecisionKind::Wait;
+                decision.reason = format!("waiting for course: {missing}").into();
+            }
+        }
+        part.decisions.push(decision);
+    }
+
+    part
 }
 
 /// The changes in the order of their keys, the first of each key only (two profiles naming one
@@ -964,16 +1066,23 @@ lapse_grace = "10d"
         }
 
         fn plan(&self) -> Plan {
-            plan(&PlanInput {
-                config: &self.config,
-                orders: &self.orders,
-                directory: &self.directory,
-                courses: &self.courses,
-                ledger: &self.ledger,
-                now: now(),
-                allow_revocations: self.allow,
-                gates: &self.gates,
-            })
+            self.plan_split_from(PARALLEL_PAIRS)
+        }
+
+        fn plan_split_from(&self, parallel_from: usize) -> Plan {
+            plan_split_from(
+                &PlanInput {
+                    config: &self.config,
+                    orders: &self.orders,
+                    directory: &self.directory,
+                    courses: &self.courses,
+                    ledger: &self.ledger,
+                    now: now(),
+                    allow_revocations: self.allow,
+                    gates: &self.gates,
+                },
+                parallel_from,
+            )
         }
 
         fn own(&mut self, user: &str, access: &str) {
@@ -1589,6 +1698,14 @@ lapse_grace = "10d"
                     prop_assert!(c.member != "cn=nobody,dc=x");
                 }
             }
+        }
+
+        #[test]
+        fn deciding_the_pairs_on_two_threads_plans_what_one_thread_plans(g in gen_world()) {
+            let w = build(&g);
+            let one = w.plan_split_from(usize::MAX);
+            let two = w.plan_split_from(0);
+            prop_assert_eq!(format!("{two:#?}"), format!("{one:#?}"));
         }
 
         #[test]
