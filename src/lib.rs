@@ -40,6 +40,9 @@ pub enum Error {
     Recovery(String),
     #[error("{0}")]
     Daemon(String),
+    /// Something that cannot happen did (a bug); what was done is in the audit log.
+    #[error("internal error (a bug): {0}")]
+    Internal(String),
 }
 
 impl Error {
@@ -53,6 +56,7 @@ impl Error {
             Error::Orders(_) => "orders",
             Error::Recovery(_) => "recovery",
             Error::Daemon(_) => "daemon",
+            Error::Internal(_) => "internal",
         }
     }
 }

@@ -305,6 +305,90 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
 
 /// [`plan`], deciding the pairs on two threads from `parallel_from` pairs.
 fn plan_split_from(input: &PlanInput<'_>, parallel_from: usize) -> Plan {
+    let group_members = members_of(input, |_| true);
+    let norms = group_norms(input.config);
+    let pairs = pairs_of(input, |_| true);
+    let found = decide_split(input, &group_members, &norms, pairs, parallel_from, 0);
+    finish(input, &group_members, found)
+}
+
+/// The decisions of the pairs whose profile's group is the configured group with the normalized
+/// DN that sorts first: the plan's changes begin with the grants to that group, in key order
+/// (every key begins with its group's normalized DN). Made before the rest of the plan
+/// ([`plan_after_first`]), so that those grants can be carried out while the rest is decided.
+pub struct FirstGroup<'a> {
+    /// The group's normalized DN.
+    group: String,
+    /// Its members ([`members_of`]).
+    members: GroupMembers<'a>,
+    decided: Pairs<'a>,
+}
+
+/// Members of configured groups by normalized DN, as member keys, or why they are unknown.
+type GroupMembers<'a> = HashMap<String, Result<BTreeSet<Cow<'a, str>>, String>>;
+
+impl FirstGroup<'_> {
+    /// The grants to the group, in key order: the changes the plan begins with.
+    pub fn take_grants(&mut self) -> Vec<Change> {
+        std::mem::take(&mut self.decided.grants)
+    }
+}
+
+/// Decides the pairs of [`FirstGroup`]'s group, by the same rules as [`plan`]. `None` without
+/// configured groups, or if a group's normalized DN holds the separator of keys (its keys could
+/// then sort among another group's).
+pub fn decide_first_group<'a>(input: &PlanInput<'a>) -> Option<FirstGroup<'a>> {
+    let norms = group_norms(input.config);
+    if norms.values().any(|g| g.contains(KEY_SEPARATOR)) {
+        return None;
+    }
+    let group = norms.values().min()?.clone();
+    let members = members_of(input, |g| g == group);
+    let pairs = pairs_of(input, |access| norms[access] == group);
+    let mut decided = decide_split(input, &members, &norms, pairs, PARALLEL_PAIRS, 0);
+    decided.grants = in_key_order(std::mem::take(&mut decided.grants));
+    Some(FirstGroup {
+        group,
+        members,
+        decided,
+    })
+}
+
+/// The plan, given the first group's decisions, without the grants taken from them
+/// ([`FirstGroup::take_grants`]): put first, they make it the plan [`plan`] makes (a property
+/// test holds them equal). `one_thread`: decide on this thread only (a plan made while the
+/// directory works on a change; on 2 cores a second thread would take the directory's core).
+pub fn plan_after_first<'a>(
+    input: &PlanInput<'a>,
+    first: FirstGroup<'a>,
+    one_thread: bool,
+) -> Plan {
+    let mut group_members = members_of(input, |g| g != first.group);
+    group_members.extend(first.members);
+    let norms = group_norms(input.config);
+    let pairs = pairs_of(input, |access| norms[access] != first.group);
+    let parallel_from = if one_thread {
+        usize::MAX
+    } else {
+        PARALLEL_PAIRS
+    };
+    // Room for the first group's decisions too, so that the merge does not grow the list.
+    let first_decisions = first.decided.decisions.len();
+    let mut found = decide_split(
+        input,
+        &group_members,
+        &norms,
+        pairs,
+        parallel_from,
+        first_decisions,
+    );
+    found.merge(first.decided);
+    finish(input, &group_members, found)
+}
+
+/// The rest of [`plan`] once the pairs are decided: revocations, exclusive groups, the brake,
+/// and the changes in order.
+fn finish<'a>(input: &PlanInput<'a>, group_members: &GroupMembers<'_>, found: Pairs<'a>) -> Plan {
     let config = input.config;
     let attr = config.ldap.member_attribute;
     let mut out = Plan::default();
@@ -317,56 +401,6 @@ fn plan_split_from(input: &PlanInput<'_>, parallel_from: usize) -> Plan {
             .or_default()
             .push(name);
     }
-    // Member values are mostly in normal form already: those are borrowed, not copied.
-    let group_members: HashMap<String, Result<BTreeSet<Cow<str>>, String>> = config
-        .access
-        .values()
-        .map(|p| {
-            let members = match input.directory.groups.get(&p.group) {
-                Some(Ok(values)) => Ok(values
-                    .iter()
-                    .map(|v| match member_key(v, attr) {
-                        k if k == *v => Cow::Borrowed(v.as_str()),
-                        k => Cow::Owned(k),
-                    })
-                    .collect()),
-                Some(Err(e)) => Err(e.clone()),
-                None => Err("group members were not read".to_string()),
-            };
-            (dn::normalize(&p.group), members)
-        })
-        .collect();
-
-    // (user, profile) -> the orders naming it.
-    let mut pairs: BTreeMap<(&str, &str), Vec<&LoadedOrder>> = BTreeMap::new();
-    for o in input.orders {
-        for access in &o.order.access {
-            if config.access.contains_key(access) {
-                pairs
-                    .entry((o.order.user.as_str(), access.as_str()))
-                    .or_default()
-                    .push(o);
-            }
-        }
-    }
-
-    // Normal forms computed once, not once per pair: DN normalization dominated large plans.
-    let profile_group_norm: HashMap<&str, String> = config
-        .access
-        .iter()
-        .map(|(name, p)| (name.as_str(), dn::normalize(&p.group)))
-        .collect();
-
-    // A large run's pairs on two threads, split between two users: each half is decided as the
-    // one loop would decide it, and the halves are joined in order (a property test holds the
-    // plans equal).
-    let total = pairs.len();
-    let decide =
-        |pairs, capacity| decide_pairs(input, &group_members, &profile_group_norm, pairs, capacity);
-    let later = match pairs.keys().nth(total / 2) {
-        Some(&(user, _)) if total >= parallel_from => pairs.split_off(&(user, "")),
-        _ => BTreeMap::new(),
-    };
     let Pairs {
         decisions,
         mut kept,
@@ -375,30 +409,7 @@ fn plan_split_from(input: &PlanInput<'_>, parallel_from: usize) -> Plan {
         lapse_revokes,
         lost_reason,
         lapse_marks,
-    } = if later.is_empty() {
-        decide(pairs, total)
-    } else {
-        // Taken by the thread, or by this one if no thread can be had.
-        let later = std::sync::Mutex::new(Some(later));
-        let take = || later.lock().unwrap_or_else(|e| e.into_inner()).take();
-        std::thread::scope(|s| {
-            let spawned = std::thread::Builder::new()
-                .name("plan".into())
-                .spawn_scoped(s, || take().map(|later| decide(later, 0)));
-            let mut found = decide(pairs, total);
-            let rest = match spawned {
-                Ok(thread) => thread
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                Err(_) => None,
-            };
-            found.extend(
-                rest.or_else(|| take().map(|later| decide(later, 0)))
-                    .expect("the later pairs are decided by one thread or the other"),
-            );
-            found
-        })
-    };
+    } = found;
     out.decisions = decisions;
     out.lapse_marks = lapse_marks;
 
@@ -556,6 +567,109 @@ fn plan_split_from(input: &PlanInput<'_>, parallel_from: usize) -> Plan {
     out
 }
 
+/// What separates a key's normalized group DN from its member ([`membership_key`]).
+const KEY_SEPARATOR: char = '\u{1f}';
+
+/// Normalized group DN of each profile: computed once, not once per pair (DN normalization
+/// dominated large plans).
+fn group_norms(config: &Config) -> HashMap<&str, String> {
+    config
+        .access
+        .iter()
+        .map(|(name, p)| (name.as_str(), dn::normalize(&p.group)))
+        .collect()
+}
+
+/// The members of the configured groups whose normalized DN `wanted` accepts, by normalized
+/// DN, as member keys, or why they are unknown. Values mostly in normal form already are
+/// borrowed, not copied.
+fn members_of<'a>(input: &PlanInput<'a>, wanted: impl Fn(&str) -> bool) -> GroupMembers<'a> {
+    let attr = input.config.ldap.member_attribute;
+    input
+        .config
+        .access
+        .values()
+        .map(|p| (dn::normalize(&p.group), p))
+        .filter(|(norm, _)| wanted(norm))
+        .map(|(norm, p)| {
+            let members = match input.directory.groups.get(&p.group) {
+                Some(Ok(values)) => Ok(values
+                    .iter()
+                    .map(|v| match member_key(v, attr) {
+                        k if k == *v => Cow::Borrowed(v.as_str()),
+                        k => Cow::Owned(k),
+                    })
+                    .collect()),
+                Some(Err(e)) => Err(e.clone()),
+                None => Err("group members were not read".to_string()),
+            };
+            (norm, members)
+        })
+        .collect()
+}
+
+/// (user, profile) -> the orders naming it, for the configured profiles `wanted` accepts.
+fn pairs_of<'a>(
+    input: &PlanInput<'a>,
+    wanted: impl Fn(&str) -> bool,
+) -> BTreeMap<(&'a str, &'a str), Vec<&'a LoadedOrder>> {
+    let mut pairs: BTreeMap<(&str, &str), Vec<&LoadedOrder>> = BTreeMap::new();
+    for o in input.orders {
+        for access in &o.order.access {
+            if input.config.access.contains_key(access) && wanted(access) {
+                pairs
+                    .entry((o.order.user.as_str(), access.as_str()))
+                    .or_default()
+                    .push(o);
+            }
+        }
+    }
+    pairs
+}
+
+/// [`decide_pairs`] over `pairs`, on two threads from `parallel_from` pairs: split between two
+/// users, each half decided as the one loop would decide it, the halves joined in order (a
+/// property test holds the plans equal). The decisions have room for `more` besides.
+fn decide_split<'a>(
+    input: &PlanInput<'a>,
+    group_members: &GroupMembers<'_>,
+    profile_group_norm: &HashMap<&str, String>,
+    mut pairs: BTreeMap<(&'a str, &'a str), Vec<&'a LoadedOrder>>,
+    parallel_from: usize,
+    more: usize,
+) -> Pairs<'a> {
+    let total = pairs.len() + more;
+    let decide =
+        |pairs, capacity| decide_pairs(input, group_members, profile_group_norm, pairs, capacity);
+    let later = match pairs.keys().nth(pairs.len() / 2) {
+        Some(&(user, _)) if pairs.len() >= parallel_from => pairs.split_off(&(user, "")),
+        _ => BTreeMap::new(),
+    };
+    if later.is_empty() {
+        return decide(pairs, total);
+    }
+    // Taken by the thread, or by this one if no thread can be had.
+    let later = std::sync::Mutex::new(Some(later));
+    let take = || later.lock().unwrap_or_else(|e| e.into_inner()).take();
+    std::thread::scope(|s| {
+        let spawned = std::thread::Builder::new()
+            .name("plan".into())
+            .spawn_scoped(s, || take().map(|later| decide(later, 0)));
+        let mut found = decide(pairs, total);
+        let rest = match spawned {
+            Ok(thread) => thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+            Err(_) => None,
+        };
+        found.extend(
+            rest.or_else(|| take().map(|later| decide(later, 0)))
+                .expect("the later pairs are decided by one thread or the other"),
+        );
+        found
+    })
+}
+
 /// What the pair loop of [`plan`] found over a run of (user, profile) pairs.
 struct Pairs<'a> {
     /// One per pair, in the pairs' order.
@@ -576,6 +690,21 @@ struct Pairs<'a> {
 }
 
 impl<'a> Pairs<'a> {
+    /// Adds what was found over other pairs, of other groups: the decisions are put in the
+    /// pairs' order again, and no map key can be in both.
+    fn merge(&mut self, other: Pairs<'a>) {
+        self.decisions.extend(other.decisions);
+        // In place: every pair is decided once, so equal keys cannot be reordered.
+        self.decisions
+            .sort_unstable_by(|a, b| (&a.user, &a.access).cmp(&(&b.user, &b.access)));
+        self.kept.extend(other.kept);
+        self.held_users.extend(other.held_users);
+        self.grants.extend(other.grants);
+        self.lapse_revokes.extend(other.lapse_revokes);
+        self.lost_reason.extend(other.lost_reason);
+        self.lapse_marks.extend(other.lapse_marks);
+    }
+
     /// Appends what was found over pairs that all come after this run's: the lists continue
     /// in order, and a map entry both found is the later one, as one loop over all the pairs
     /// would have left it.
@@ -597,7 +726,7 @@ const PARALLEL_PAIRS: usize = 4096;
 /// for this many decisions, so that a later run's can be appended without growing the list.
 fn decide_pairs<'a>(
     input: &PlanInput<'a>,
-    group_members: &HashMap<String, Result<BTreeSet<Cow<str>>, String>>,
+    group_members: &GroupMembers<'_>,
     profile_group_norm: &HashMap<&str, String>,
     pairs: BTreeMap<(&'a str, &'a str), Vec<&'a LoadedOrder>>,
     capacity: usize,
@@ -1069,20 +1198,21 @@ lapse_grace = "10d"
             self.plan_split_from(PARALLEL_PAIRS)
         }
 
+        fn input(&self) -> PlanInput<'_> {
+            PlanInput {
+                config: &self.config,
+                orders: &self.orders,
+                directory: &self.directory,
+                courses: &self.courses,
+                ledger: &self.ledger,
+                now: now(),
+                allow_revocations: self.allow,
+                gates: &self.gates,
+            }
+        }
+
         fn plan_split_from(&self, parallel_from: usize) -> Plan {
-            plan_split_from(
-                &PlanInput {
-                    config: &self.config,
-                    orders: &self.orders,
-                    directory: &self.directory,
-                    courses: &self.courses,
-                    ledger: &self.ledger,
-                    now: now(),
-                    allow_revocations: self.allow,
-                    gates: &self.gates,
-                },
-                parallel_from,
-            )
+            plan_split_from(&self.input(), parallel_from)
         }
 
         fn own(&mut self, user: &str, access: &str) {
@@ -1706,6 +1836,25 @@ lapse_grace = "10d"
             let one = w.plan_split_from(usize::MAX);
             let two = w.plan_split_from(0);
             prop_assert_eq!(format!("{two:#?}"), format!("{one:#?}"));
+        }
+
+        #[test]
+        fn the_first_groups_grants_then_the_rest_of_the_plan_are_the_plan(g in gen_world()) {
+            let w = build(&g);
+            let whole = w.plan();
+            let input = w.input();
+            let mut first = decide_first_group(&input).expect("no separator in the test's DNs");
+            let mut changes = first.take_grants();
+            let group = first.group.clone();
+            let mut rest = plan_after_first(&input, first, true);
+            // The grants to the first group, and only those, come first.
+            prop_assert!(changes.iter().all(|c| c.action == Action::Grant
+                && dn::normalize(&c.group) == group));
+            prop_assert!(rest.changes.iter().all(|c| c.action == Action::Revoke
+                || dn::normalize(&c.group) != group));
+            changes.append(&mut rest.changes);
+            rest.changes = changes;
+            prop_assert_eq!(format!("{rest:#?}"), format!("{whole:#?}"));
         }
 
         #[test]
