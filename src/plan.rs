@@ -693,16 +693,10 @@ impl<'a> Pairs<'a> {
     /// Adds what was found over other pairs, of other groups: the decisions are put in the
     /// pairs' order again, and no map key can be in both.
     fn merge(&mut self, other: Pairs<'a>) {
-        self.decisions.extend(other.decisions);
-        // In place: every pair is decided once, so equal keys cannot be reordered.
+        self.extend(other);
+        // In place: every pair is decided once, so no two decisions share a key.
         self.decisions
             .sort_unstable_by(|a, b| (&a.user, &a.access).cmp(&(&b.user, &b.access)));
-        self.kept.extend(other.kept);
-        self.held_users.extend(other.held_users);
-        self.grants.extend(other.grants);
-        self.lapse_revokes.extend(other.lapse_revokes);
-        self.lost_reason.extend(other.lost_reason);
-        self.lapse_marks.extend(other.lapse_marks);
     }
 
     /// Appends what was found over pairs that all come after this run's: the lists continue
