@@ -20,6 +20,7 @@
 # Prints Markdown for BENCHMARKS.md. Not part of the test suite.
 #
 #   scripts/bench.sh [N ...]          e.g. scripts/bench.sh 20000 50000 100000
+#   BIN=/path/to/coursegate scripts/bench.sh 20000    (another build, same benchmark)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -32,8 +33,13 @@ if ! /usr/bin/python3 -c 'import ldap3' 2>/dev/null; then
   cg_as_root apt-get update -qq >&2
   DEBIAN_FRONTEND=noninteractive cg_as_root apt-get install -y -qq --no-install-recommends python3-ldap3 >&2
 fi
-cargo build --release --quiet
-bin="$repo/target/release/coursegate"
+# BIN=path benchmarks another build (say, an older commit's) with this script.
+if [ -n "${BIN:-}" ]; then
+  bin=$BIN
+else
+  cargo build --release --quiet
+  bin="$repo/target/release/coursegate"
+fi
 per_user_max=${PER_USER_MAX:-20000}
 cold_max=${COLD_MAX:-20000}
 drops=${DROPS:-100}
@@ -89,7 +95,7 @@ ratio() { echo "scale=2; $1 / $2" | bc; }
 echo "## Run of $(date -u +%Y-%m-%dT%H:%MZ)"
 echo
 echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -sr), slapd $(/usr/sbin/slapd -VV 2>&1 | grep -o 'slapd [0-9.]*' | head -1 | cut -d' ' -f2), mdb with the memberof overlay."
-echo "Command: \`scripts/bench.sh $*\`"
+echo "Command: \`${BIN:+BIN=$BIN }scripts/bench.sh $*\`"
 echo
 
 for n in "$@"; do
