@@ -343,12 +343,14 @@ fn revocation_brake_then_allow_revocations() {
     );
     expect_exit(&w.run(&["plan"]), 3);
 
-    // A new grant still goes through while the brake holds every revocation.
+    // New grants still go through while the brake holds every revocation: to pacs (the group
+    // whose DN sorts first, whose grants go out while the rest of the plan is made) and to wim.
     let dora = w.slapd.add_user("dora", "Dora");
     let mut rows = rows.clone();
     rows.push("dora;Wim grundkurs;1;2026-11-01".into());
+    rows.push("dora;PACS grundkurs;1;2026-11-01".into());
     w.results(&rows.iter().map(String::as_str).collect::<Vec<_>>());
-    w.simple_order("O-dora", "dora", &["wim"]);
+    w.simple_order("O-dora", "dora", &["wim", "pacs"]);
 
     let out = w.run(&["apply"]);
     expect_exit(&out, 3);
@@ -358,7 +360,38 @@ fn revocation_brake_then_allow_revocations() {
         "brake must hold revocations"
     );
     assert!(members.contains(&dora), "grants go through under the brake");
-    assert_eq!(actions(&w.audit(), "brake").len(), 1);
+    let audit = w.audit();
+    assert_eq!(actions(&audit, "brake").len(), 1);
+    assert!(w.members(PACS_GROUP).contains(&dora));
+    // The pacs grant went out while the rest of the plan was made, so its record comes before
+    // the brake's, and the wim grant's after; the ledger reflects the whole log.
+    let seq = |r: &Value| r["seq"].as_u64().unwrap();
+    let grant_seq = |access: &str| {
+        actions(&audit, "grant")
+            .iter()
+            .find(|r| r["user"] == "dora" && r["access"] == access)
+            .map(seq)
+            .unwrap_or_else(|| panic!("no grant of {access} to dora: {audit:?}"))
+    };
+    let brake_seq = seq(&actions(&audit, "brake")[0]);
+    assert!(grant_seq("pacs") < brake_seq, "{audit:?}");
+    assert!(brake_seq < grant_seq("wim"), "{audit:?}");
+    let ledger: Value =
+        serde_json::from_str(&std::fs::read_to_string(w.path("state/ledger.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        ledger["applied_seq"].as_u64(),
+        Some(seq(audit.last().unwrap()))
+    );
+    let owned: Vec<&Value> = ledger["owned"].as_object().unwrap().values().collect();
+    for access in ["pacs", "wim"] {
+        assert!(
+            owned
+                .iter()
+                .any(|o| o["user"] == "dora" && o["access"] == access),
+            "{ledger}"
+        );
+    }
     let status = w.run(&["status"]);
     assert!(
         String::from_utf8_lossy(&status.stdout).contains("REVOCATION BRAKE: 3 revocations"),
