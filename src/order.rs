@@ -475,46 +475,57 @@ fn validate(
 // === scanning the directory ===
 
 /// Reads and parses a file that the directory listing says is a regular file, with one path
-/// lookup (open, then `fstat` on the open file) where [`FileStamp::of`] and [`load_file`] make
-/// three: a first run reads 20,000 files, and the lookups were most of its system time. The
-/// stamp is the opened file's, taken before it is read, so a file changed meanwhile is read
-/// again by the next scan. `None` if anything is unusual (not regular after all, too large,
-/// any error): the caller then takes the careful way, whose messages name the problem.
+/// lookup ([`read_regular`]) where [`FileStamp::of`] and [`load_file`] make three: a first run
+/// reads 20,000 files, and the lookups were most of its system time. The stamp is the opened
+/// file's, taken before it is read, so a file changed meanwhile is read again by the next scan.
+/// `None` if anything is unusual (not regular after all, too large, any error): the caller then
+/// takes the careful way, which looks at a file before opening it.
 fn load_regular_file(
     path: &Path,
     kind: FileKind,
     is_profile: &dyn Fn(&str) -> bool,
 ) -> Option<(FileStamp, Result<Order, String>)> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // No symlink is followed, and a FIFO swapped in since the listing does not block the open.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .ok()?;
-    let meta = file.metadata().ok()?;
-    if !meta.file_type().is_file() || meta.len() > MAX_ORDER_BYTES {
-        return None;
-    }
-    // Room for one byte more than fstat said, so that one read returns the whole file.
-    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).ok()? + 1);
-    (&file)
-        .take(MAX_ORDER_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .ok()?;
-    if bytes.len() as u64 > MAX_ORDER_BYTES {
-        return None;
-    }
+    let (meta, bytes) = read_regular(path).ok()?;
     let parsed = parse(&bytes, kind, is_profile).map_err(|e| e.to_string());
     Some((FileStamp::from_metadata(&meta), parsed))
 }
 
-/// Reads one file's bytes, refusing anything that is not a regular file or is too large.
-fn read_order_file(path: &Path) -> Result<Vec<u8>, String> {
-    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+/// Opens `path` without following a symlink (and without blocking on a FIFO) and reads it if the
+/// open file is a regular file of at most [`MAX_ORDER_BYTES`]; with the open file's metadata.
+fn read_regular(path: &Path) -> Result<(std::fs::Metadata, Vec<u8>), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let cannot = |e: std::io::Error| format!("cannot read: {e}");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => NOT_A_SYMLINK.to_string(),
+            _ => cannot(e),
+        })?;
+    let meta = file.metadata().map_err(cannot)?;
+    refuse_unless_order_file(&meta)?;
+    // Room for one byte more than fstat said, so that one read returns the whole file.
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0) + 1);
+    (&file)
+        .take(MAX_ORDER_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_ORDER_BYTES {
+        return Err(format!(
+            "grew beyond {MAX_ORDER_BYTES} bytes while it was read; an order file may be at most {MAX_ORDER_BYTES} bytes"
+        ));
+    }
+    Ok((meta, bytes))
+}
+
+const NOT_A_SYMLINK: &str = "is a symbolic link; order files must be regular files";
+
+/// Why a file with metadata `meta` (not following a symlink) is no order file, if it is not.
+fn refuse_unless_order_file(meta: &std::fs::Metadata) -> Result<(), String> {
     let ft = meta.file_type();
     if ft.is_symlink() {
-        return Err("is a symbolic link; order files must be regular files".to_string());
+        return Err(NOT_A_SYMLINK.to_string());
     }
     if ft.is_dir() {
         return Err("is a directory, not an order file".to_string());
@@ -528,11 +539,15 @@ fn read_order_file(path: &Path) -> Result<Vec<u8>, String> {
             meta.len()
         ));
     }
-    let mut bytes = Vec::new();
-    std::fs::File::open(path)
-        .and_then(|f| f.take(MAX_ORDER_BYTES + 1).read_to_end(&mut bytes))
-        .map_err(|e| format!("cannot read: {e}"))?;
-    Ok(bytes)
+    Ok(())
+}
+
+/// Reads one file's bytes, refusing anything that is not a regular file or is too large. The
+/// file is looked at before it is opened: a device or FIFO is never opened.
+fn read_order_file(path: &Path) -> Result<Vec<u8>, String> {
+    let meta = std::fs::symlink_metadata(path).map_err(|e| format!("cannot read: {e}"))?;
+    refuse_unless_order_file(&meta)?;
+    read_regular(path).map(|(_, bytes)| bytes)
 }
 
 /// Parses one order file at `path` (used by `check FILE…` and by the scan).

@@ -831,11 +831,6 @@ async fn apply_plan_after(
             })),
             ..Event::default()
         }])?;
-        // The record changes no membership: the ledger reflects it as it is (a unit carried
-        // out before is settled below, with the seq it reached).
-        if answered.is_none() {
-            ledger.applied_seq = audit.last_seq();
-        }
     }
 
     let mut last_save = std::time::Instant::now();
@@ -871,6 +866,9 @@ async fn apply_plan_after(
         unit.settle(&units, ledger, &mut applied, now);
     }
     if plan.brake.is_some() {
+        // The brake record changes no membership: the ledger reflects it as it is. (Each unit
+        // settled above moved the seq on to its own records; a unit carried out before the plan
+        // was made has records before the brake's.)
         ledger.applied_seq = ledger.applied_seq.max(audit.last_seq());
     }
 
