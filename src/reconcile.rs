@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 
-use crate::audit::{AuditError, AuditLog, ChainEnd, Event, PreparedBatch, Record};
+use crate::audit::{AuditLog, Event, PreparedBatch, Record};
 use crate::config::Config;
 use crate::directory::{Directory, DirectoryError, MemberChange, MemberEntries};
 use crate::lms::platform::Platform;
@@ -642,97 +642,69 @@ fn units_of(changes: &[Change], per_modify: usize) -> Vec<Unit<'_>> {
     units
 }
 
-/// Records for the next unit, serialized and hashed on another thread.
-type Upcoming = tokio::task::JoinHandle<Result<PreparedBatch, AuditError>>;
+/// How many units may be with the directory at once: never two of one group, so that a group's
+/// modifies keep their order, and each unit's records are written (and fsynced) before it is
+/// sent. The directory works on modifies of different groups side by side: with slapd's
+/// memberof overlay, one modify per group sent at once took about 1.25 s where the same three
+/// one after the other took about 1.5 s (20,000 members each, 2 cores).
+const UNITS_IN_FLIGHT: usize = 3;
 
-/// The first unit of a plan, carried out while the plan was made ([`first_then_plan`]).
-struct SentFirst {
-    /// How many changes it had: the plan's first.
-    changes: usize,
-    answered: Answered,
-    /// The records of the plan's second unit.
-    upcoming: Option<Upcoming>,
+/// A unit whose records are written and whose modify is with the directory.
+struct InFlight {
+    /// Index into the plan's units.
+    unit: usize,
+    /// The seqs of its records, one per change.
+    seqs: Vec<u64>,
+    group: String,
+    started: std::time::Instant,
+    /// The modify, on a handle of its own ([`Directory::beside`]).
+    task: tokio::task::JoinHandle<Result<Vec<(usize, DirectoryError)>, DirectoryError>>,
 }
 
-/// Makes the plan while the grants it begins with are carried out: `grants` are those grants
-/// ([`plan::FirstGroup::take_grants`]); their first unit goes to the audit log and the
-/// directory, and `decide_rest` makes the rest of the plan ([`plan::plan_after_first`], given
-/// whether to stay on this thread) while the directory works on it. On 2 cores the plan of a
-/// first run at 20,000 users took a tenth of the run, before anything was sent. The plan is the
-/// grants followed by the rest; [`apply_plan_after`] carries out what follows the first unit.
-/// Without grants the plan is simply made. (A brake record, if the plan has one, comes after
-/// that unit's records: the brake holds revocations only.)
-async fn first_then_plan(
-    audit: &mut AuditLog,
-    dir: &mut Directory,
-    grants: Vec<Change>,
-    decide_rest: impl FnOnce(bool) -> Plan,
-) -> Result<(Plan, Option<SentFirst>)> {
-    let per_modify = dir.values_per_modify();
-    let first_units = units_of(&grants, per_modify);
-    let Some(unit) = first_units.first() else {
-        return Ok((decide_rest(false), None));
-    };
-    let prepared = audit
-        .chain_end()
-        .prepare(unit.2.iter().map(|c| change_event(c)).collect())?;
-    let (answered, (mut plan, upcoming)) =
-        send_unit(audit, dir, 0, unit, prepared, async |end: ChainEnd| {
-            let rest = decide_rest(true);
-            let second = match first_units.get(1) {
-                Some((_, _, next)) => Some(next.iter().map(|c| change_event(c)).collect()),
-                None => units_of(&rest.changes, per_modify)
-                    .first()
-                    .map(|(_, _, next)| next.iter().map(|c| change_event(c)).collect()),
-            };
-            let upcoming = second
-                .map(|events: Vec<Event>| tokio::task::spawn_blocking(move || end.prepare(events)));
-            (rest, upcoming)
-        })
-        .await?;
-    let sent = unit.2.len();
-    drop(first_units);
-    let mut changes = grants;
-    changes.append(&mut plan.changes);
-    plan.changes = changes;
-    Ok((
-        plan,
-        Some(SentFirst {
-            changes: sent,
-            answered,
-            upcoming,
-        }),
-    ))
+fn events_of((_, _, chunk): &Unit<'_>) -> Vec<Event> {
+    chunk.iter().map(|c| change_event(c)).collect()
 }
 
-/// Carries out one unit: its records first (durably), then the modify, with `meanwhile` run
-/// while the directory works on it (given the chain's end after the unit's records); values
-/// the directory refused get `outcome` records. Returns what settling the unit needs, with what
-/// `meanwhile` returned. A modify whose outcome is unknown is an error: nothing more is changed
-/// in the run, and the next run's crash recovery looks at the directory and records what
-/// happened.
-async fn send_unit<T>(
+/// Writes a unit's records durably, then sends its modify; the answer is read by [`answer`].
+fn send(
     audit: &mut AuditLog,
-    dir: &mut Directory,
+    dir: &Directory,
     index: usize,
-    (group, action, chunk): &Unit<'_>,
+    unit: &Unit<'_>,
     prepared: PreparedBatch,
-    meanwhile: impl AsyncFnOnce(ChainEnd) -> T,
-) -> Result<(Answered, T)> {
+) -> Result<InFlight> {
+    let (group, action, chunk) = unit;
     let seqs = audit.commit(prepared)?;
     let values: Vec<String> = chunk.iter().map(|c| c.member.clone()).collect();
     let how = match action {
         Action::Grant => MemberChange::Add,
         Action::Revoke => MemberChange::Remove,
     };
-    let end = audit.chain_end();
-    let started = std::time::Instant::now();
-    let meanwhile = async {
-        // The connection task sends the request when this task first yields.
-        tokio::task::yield_now().await;
-        meanwhile(end).await
+    let mut handle = dir.beside();
+    let target = group.to_string();
+    let task = tokio::spawn(async move { handle.change_members(&target, how, &values).await });
+    Ok(InFlight {
+        unit: index,
+        seqs,
+        group: group.to_string(),
+        started: std::time::Instant::now(),
+        task,
+    })
+}
+
+/// Reads the directory's answer to a unit sent; values it refused get `outcome` records. A
+/// modify whose outcome is unknown is an error: nothing more is changed in the run, and the next
+/// run's crash recovery looks at the directory and records what happened.
+async fn answer(audit: &mut AuditLog, sent: InFlight, units: &[Unit<'_>]) -> Result<Answered> {
+    let (group, action, chunk) = &units[sent.unit];
+    let changed = match sent.task.await {
+        Ok(changed) => changed,
+        Err(e) => {
+            return Err(Error::Internal(format!(
+                "the change of the members of {group} did not finish: {e}"
+            )));
+        }
     };
-    let (changed, beside) = tokio::join!(dir.change_members(group, how, &values), meanwhile);
     let failures = match changed {
         Ok(failures) => failures,
         Err(e) if e.in_doubt() => {
@@ -748,7 +720,7 @@ async fn send_unit<T>(
     }
     let outcomes: Vec<Event> = failed_at
         .iter()
-        .map(|(i, why)| outcome_event(seqs[*i], false, why))
+        .map(|(i, why)| outcome_event(sent.seqs[*i], false, why))
         .collect();
     audit.append(outcomes)?;
     tracing::info!(
@@ -756,114 +728,125 @@ async fn send_unit<T>(
         action = action.as_str(),
         changed = chunk.len() - failed_at.len(),
         failed = failed_at.len(),
-        ms = started.elapsed().as_millis(),
+        ms = sent.started.elapsed().as_millis(),
         "directory batch done"
     );
-    Ok((
-        Answered {
-            unit: index,
-            seqs,
-            failed_at,
-            through_seq: audit.last_seq(),
-        },
-        beside,
-    ))
+    Ok(Answered {
+        unit: sent.unit,
+        seqs: sent.seqs,
+        failed_at,
+    })
 }
 
-/// [`apply_plan`] for a plan whose first unit may have been carried out already
-/// ([`first_then_plan`]).
+/// Makes the plan while the grants it begins with are carried out: `grants` are those grants
+/// ([`plan::FirstGroup::take_grants`]); their first unit goes to the audit log and the
+/// directory, and `decide_rest` makes the rest of the plan ([`plan::plan_after_first`], given
+/// whether to stay on this thread) while the directory works on it. On 2 cores the plan of a
+/// first run at 20,000 users took a tenth of the run, before anything was sent. The plan is the
+/// grants followed by the rest; [`apply_plan_after`] carries out the rest and reads the first
+/// unit's answer. Without grants the plan is simply made. (A brake record, if the plan has one,
+/// comes after that unit's records: the brake holds revocations only.)
+async fn first_then_plan(
+    audit: &mut AuditLog,
+    dir: &mut Directory,
+    grants: Vec<Change>,
+    decide_rest: impl FnOnce(bool) -> Plan,
+) -> Result<(Plan, Option<InFlight>)> {
+    let first_units = units_of(&grants, dir.values_per_modify());
+    let Some(unit) = first_units.first() else {
+        return Ok((decide_rest(false), None));
+    };
+    let prepared = audit.chain_end().prepare(events_of(unit))?;
+    let sent = send(audit, dir, 0, unit, prepared)?;
+    let mut plan = decide_rest(true);
+    drop(first_units);
+    let mut changes = grants;
+    changes.append(&mut plan.changes);
+    plan.changes = changes;
+    Ok((plan, Some(sent)))
+}
+
+/// [`apply_plan`] for a plan whose first unit may have been sent already ([`first_then_plan`]).
 async fn apply_plan_after(
     store: &impl StateStore,
     audit: &mut AuditLog,
     dir: &mut Directory,
     ledger: &mut Ledger,
     plan: &Plan,
-    first: Option<SentFirst>,
+    first: Option<InFlight>,
     now: DateTime<Utc>,
 ) -> Result<Applied> {
     let mut applied = Applied::default();
     let units = units_of(&plan.changes, dir.values_per_modify());
-    // While the directory works on one unit's modify, this process does what does not depend on
-    // it: the previous unit's ledger and report entries are made, then the records of the next
-    // unit are serialized and hashed on another thread. The next unit's records are written
-    // (and fsynced) only once this unit is done, right before their own modify; if this unit
-    // added `outcome` records meanwhile, the commit chains them again.
-    let mut upcoming: Option<Upcoming> = None;
-    let mut answered: Option<Answered> = None;
+    let mut in_flight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
     let mut start = 0;
     if let Some(first) = first {
-        // The plan's first unit is the one carried out: the plan's first changes, in order.
+        // The plan's first unit is the one sent: the plan's first changes, in order.
         let begins_with_it = units.first().is_some_and(|(_, action, changes)| {
             *action == Action::Grant
-                && changes.len() == first.changes
+                && changes.len() == first.seqs.len()
                 && changes
                     .iter()
                     .zip(&plan.changes)
                     .all(|(a, b)| std::ptr::eq(*a, b))
         });
+        in_flight.push_back(first);
         if !begins_with_it {
-            // The unit's records and outcome are in the audit log: the next run's crash
-            // recovery books what it did.
+            // The unit's records are in the audit log: once its answer is in, the next run's
+            // crash recovery books what it did.
+            drain(audit, in_flight, &units).await;
             return Err(Error::Internal(format!(
-                "the plan does not begin with the {} grants made while it was made",
-                first.changes
+                "the plan does not begin with the {} grants sent while it was made",
+                units.first().map_or(0, |(_, _, changes)| changes.len())
             )));
         }
-        answered = Some(first.answered);
-        upcoming = first.upcoming;
         start = 1;
     }
 
-    if let Some(brake) = &plan.brake {
-        tracing::error!(
-            revocations = brake.revocations,
-            "revocation brake engaged, no revocation in this run: {}",
-            brake.reasons.join("; ")
-        );
-        audit.append(vec![Event {
-            action: "brake".to_string(),
-            reason: Some(brake.reasons.join("; ")),
-            detail: Some(serde_json::json!({
-                "revocations": brake.revocations,
-                "held": plan.held_revocations.iter().map(|c| serde_json::json!({
-                    "user": c.user, "access": c.access, "group": c.group, "member": c.member,
-                })).collect::<Vec<_>>(),
-            })),
-            ..Event::default()
-        }])?;
-    }
-
-    let mut last_save = std::time::Instant::now();
-    for i in start..units.len() {
-        let prepared = match upcoming.take() {
-            Some(handle) => joined(handle).await?,
-            None => audit
-                .chain_end()
-                .prepare(units[i].2.iter().map(|c| change_event(c)).collect())?,
-        };
-        let (unit, ()) = send_unit(audit, dir, i, &units[i], prepared, async |end: ChainEnd| {
-            // One thing after the other: slapd works on the modify meanwhile, and on 2 cores
-            // the previous unit's booking and the next unit's records side by side slowed it.
-            if let Some(unit) = answered.take() {
-                unit.settle(&units, ledger, &mut applied, now);
-            }
-            if let Some((_, _, next)) = units.get(i + 1) {
-                let events: Vec<Event> = next.iter().map(|c| change_event(c)).collect();
-                upcoming = Some(tokio::task::spawn_blocking(move || end.prepare(events)));
-            }
-        })
-        .await?;
-        answered = Some(unit);
-        // The ledger is a checkpoint of the audit log: saving it after every batch would
-        // rewrite it O(batches) times (quadratic on a first run). Recovery replays whatever
-        // a crash leaves after the last checkpoint (here: the unit not settled yet).
-        if i > 0 && last_save.elapsed() >= LEDGER_CHECKPOINT_EVERY {
-            store.save_ledger(ledger)?;
-            last_save = std::time::Instant::now();
+    let sent_all = async {
+        if let Some(brake) = &plan.brake {
+            tracing::error!(
+                revocations = brake.revocations,
+                "revocation brake engaged, no revocation in this run: {}",
+                brake.reasons.join("; ")
+            );
+            audit.append(vec![brake_event(brake, plan)])?;
         }
+        let mut last_save = std::time::Instant::now();
+        let mut settled_since_save = false;
+        for (i, unit) in units.iter().enumerate().skip(start) {
+            // The ledger is a checkpoint of the audit log: saving it after every batch would
+            // rewrite it O(batches) times (quadratic on a first run). Recovery replays whatever
+            // a crash leaves after the last checkpoint. A checkpoint waits for every answer.
+            let checkpoint = settled_since_save && last_save.elapsed() >= LEDGER_CHECKPOINT_EVERY;
+            while in_flight.front().is_some()
+                && (checkpoint
+                    || in_flight.len() >= UNITS_IN_FLIGHT
+                    || in_flight
+                        .iter()
+                        .any(|f| f.group.eq_ignore_ascii_case(unit.0)))
+            {
+                settle_next(audit, &mut in_flight, &units, ledger, &mut applied, now).await?;
+                settled_since_save = true;
+            }
+            if checkpoint {
+                store.save_ledger(ledger)?;
+                last_save = std::time::Instant::now();
+                settled_since_save = false;
+            }
+            let prepared = audit.chain_end().prepare(events_of(unit))?;
+            in_flight.push_back(send(audit, dir, i, unit, prepared)?);
+        }
+        while !in_flight.is_empty() {
+            settle_next(audit, &mut in_flight, &units, ledger, &mut applied, now).await?;
+        }
+        Ok::<_, Error>(())
     }
-    if let Some(unit) = answered.take() {
-        unit.settle(&units, ledger, &mut applied, now);
+    .await;
+    if let Err(e) = sent_all {
+        // Nothing goes out after the run has stopped: every modify already sent is waited for.
+        drain(audit, in_flight, &units).await;
+        return Err(e);
     }
     if plan.brake.is_some() {
         // The brake record changes no membership: the ledger reflects it as it is. (Each unit
@@ -910,23 +893,24 @@ async fn apply_plan_after(
     Ok(applied)
 }
 
-/// A unit the directory has answered whose ledger and report entries are not made yet.
+/// A unit the directory has answered.
 struct Answered {
     /// Index into the units of [`apply_plan`].
     unit: usize,
     seqs: Vec<u64>,
     failed_at: BTreeMap<usize, String>,
-    /// The log's last seq once the unit's records and their outcomes were written.
-    through_seq: u64,
 }
 
 impl Answered {
+    /// Books the unit in the ledger and the report. The ledger then reflects the log up to
+    /// `through_seq`.
     fn settle(
         self,
         units: &[Unit<'_>],
         ledger: &mut Ledger,
         applied: &mut Applied,
         now: DateTime<Utc>,
+        through_seq: u64,
     ) {
         let (_, action, chunk) = &units[self.unit];
         for (i, (change, seq)) in chunk.iter().zip(&self.seqs).enumerate() {
@@ -948,7 +932,58 @@ impl Answered {
                 }
             }
         }
-        ledger.applied_seq = self.through_seq;
+        ledger.applied_seq = ledger.applied_seq.max(through_seq);
+    }
+}
+
+/// Reads the answer to the oldest unit in flight and books it. The ledger then reflects the log
+/// up to the records of the next unit in flight (whose outcome is not known yet), or all of it.
+async fn settle_next(
+    audit: &mut AuditLog,
+    in_flight: &mut std::collections::VecDeque<InFlight>,
+    units: &[Unit<'_>],
+    ledger: &mut Ledger,
+    applied: &mut Applied,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let Some(sent) = in_flight.pop_front() else {
+        return Ok(());
+    };
+    let answered = answer(audit, sent, units).await?;
+    let through_seq = match in_flight.front().and_then(|next| next.seqs.first()) {
+        Some(next) => next - 1,
+        None => audit.last_seq(),
+    };
+    answered.settle(units, ledger, applied, now, through_seq);
+    Ok(())
+}
+
+/// After a run stopped with units in flight: waits for each answer, so that nothing changes in
+/// the directory once the run has returned, and records the refusals it learns of. The ledger
+/// is left as it is (a failed pass keeps none); the next run's crash recovery books the rest.
+async fn drain(
+    audit: &mut AuditLog,
+    in_flight: std::collections::VecDeque<InFlight>,
+    units: &[Unit<'_>],
+) {
+    for sent in in_flight {
+        if let Err(e) = answer(audit, sent, units).await {
+            tracing::debug!("after the run stopped: {e}");
+        }
+    }
+}
+
+fn brake_event(brake: &plan::Brake, plan: &Plan) -> Event {
+    Event {
+        action: "brake".to_string(),
+        reason: Some(brake.reasons.join("; ")),
+        detail: Some(serde_json::json!({
+            "revocations": brake.revocations,
+            "held": plan.held_revocations.iter().map(|c| serde_json::json!({
+                "user": c.user, "access": c.access, "group": c.group, "member": c.member,
+            })).collect::<Vec<_>>(),
+        })),
+        ..Event::default()
     }
 }
 

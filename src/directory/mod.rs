@@ -24,6 +24,7 @@ pub use member_of::{MemberEntries, lookup};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use ldap3::adapters::{Adapter, EntriesOnly, PagedResults};
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Mod, Scope, SearchEntry};
@@ -143,7 +144,8 @@ pub struct Directory {
     key_attribute: Option<String>,
     /// The server announced Active Directory's capability: members are read in explicit ranges.
     active_directory: bool,
-    operations: u64,
+    /// Shared with the handles [`Directory::beside`] makes.
+    operations: Arc<AtomicU64>,
 }
 
 impl Directory {
@@ -214,7 +216,7 @@ impl Directory {
             key_attribute: key_attribute(&cfg.user_filter),
             active_directory: false,
             cfg: cfg.clone(),
-            operations,
+            operations: Arc::new(AtomicU64::new(operations)),
         };
         // A root DSE that cannot be read (some servers hide it) just means "not Active
         // Directory": members are then read in one search that follows any ranges returned.
@@ -261,7 +263,24 @@ impl Directory {
 
     /// How many LDAP operations this connection has issued (bind, searches, pages, modifies).
     pub fn operations(&self) -> u64 {
-        self.operations
+        self.operations.load(Ordering::Relaxed)
+    }
+
+    /// Another handle on the same connection and session, for an operation that runs beside
+    /// this handle's (LDAP answers each request by its message id). Operations are counted
+    /// together.
+    pub fn beside(&self) -> Directory {
+        Directory {
+            ldap: self.ldap.clone(),
+            cfg: self.cfg.clone(),
+            key_attribute: self.key_attribute.clone(),
+            active_directory: self.active_directory,
+            operations: Arc::clone(&self.operations),
+        }
+    }
+
+    fn count_operation(&self) {
+        self.operations.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Whether the connection has been closed (by the server or a network failure).
@@ -408,7 +427,7 @@ impl Directory {
             Box::new(EntriesOnly::new()),
             Box::new(PagedResults::new(page)),
         ];
-        self.operations += 1;
+        self.count_operation();
         let mut stream = self
             .timed()
             .streaming_search_with(adapters, base, scope, filter, attrs)
@@ -424,7 +443,7 @@ impl Directory {
             }
             entries.push(SearchEntry::construct(entry));
             if entries.len() % page.max(1) as usize == 0 {
-                self.operations += 1;
+                self.count_operation();
             }
         }
         let result = stream.finish().await;
@@ -528,7 +547,7 @@ impl Directory {
             base: base.to_string(),
             message,
         };
-        self.operations += 1;
+        self.count_operation();
         let ldap3::SearchResult(entries, result) = self
             .timed()
             .search(dn, Scope::Base, "(objectClass=*)", attrs)
@@ -721,7 +740,7 @@ impl Directory {
             MemberChange::Add => Mod::Add(attr, set),
             MemberChange::Remove => Mod::Delete(attr, set),
         });
-        self.operations += 1;
+        self.count_operation();
         // The server's work grows with the values (memberof updates each member's entry): the
         // bound grows with them, 1 ms per value, so that a large batch is not cut off while the
         // server is still working on it.
@@ -750,7 +769,7 @@ impl Directory {
             base: group.to_string(),
             message,
         };
-        self.operations += 1;
+        self.count_operation();
         let result = self
             .timed()
             .compare(group, &attr, value)

@@ -406,6 +406,85 @@ fn revocation_brake_then_allow_revocations() {
     expect_exit(&w.run(&["audit", "verify"]), 0);
 }
 
+/// The modifies of different groups are with the directory at the same time. One the directory
+/// refuses (here: the pacs group became a posixGroup, which takes no `member`) holds back no
+/// other group: its values get `not-applied` outcomes, the other group's grants are made, and
+/// the ledger reflects the whole log. Once the group is mended, the next run makes the rest.
+#[test]
+fn a_group_the_directory_refuses_holds_back_no_other_group() {
+    let w = World::new();
+    let users = ["u1", "u2"];
+    let dns: Vec<String> = users.iter().map(|u| w.slapd.add_user(u, u)).collect();
+    let mut rows = Vec::new();
+    for u in users {
+        rows.push(format!("{u};Wim grundkurs;1;2026-11-01"));
+        rows.push(format!("{u};PACS grundkurs;1;2026-11-01"));
+        w.simple_order(&format!("O-{u}"), u, &["wim", "pacs"]);
+    }
+    w.results(&rows.iter().map(String::as_str).collect::<Vec<_>>());
+    let group_of = |class: &str, extra: &str| {
+        format!(
+            "dn: {PACS_GROUP}\nchangetype: delete\n\ndn: {PACS_GROUP}\nchangetype: add\nobjectClass: {class}\ncn: pacs-users\n{extra}\n"
+        )
+    };
+    w.slapd
+        .modify_ldif(&group_of("posixGroup", "gidNumber: 5001"));
+
+    let out = w.run(&["apply"]);
+    expect_exit(&out, 1);
+    assert_eq!(
+        w.members(WIM_GROUP),
+        set(&[PLACEHOLDER_DN, &dns[0], &dns[1]])
+    );
+    let audit = w.audit();
+    let pacs_grants: BTreeSet<u64> = actions(&audit, "grant")
+        .iter()
+        .filter(|r| r["access"] == "pacs")
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pacs_grants.len(), 2, "{audit:?}");
+    let refused: BTreeSet<u64> = actions(&audit, "outcome")
+        .iter()
+        .filter(|o| o["outcome"] == "not-applied")
+        .map(|o| o["ref_seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(refused, pacs_grants, "{audit:?}");
+    let ledger: Value =
+        serde_json::from_str(&std::fs::read_to_string(w.path("state/ledger.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        ledger["applied_seq"].as_u64(),
+        audit.last().and_then(|r| r["seq"].as_u64())
+    );
+    let owned: BTreeSet<&str> = ledger["owned"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|o| o["access"].as_str().unwrap())
+        .collect();
+    assert_eq!(owned, BTreeSet::from(["wim"]), "{ledger}");
+    expect_exit(&w.run(&["audit", "verify"]), 0);
+
+    w.slapd.modify_ldif(&group_of(
+        "groupOfNames",
+        &format!("member: {PLACEHOLDER_DN}"),
+    ));
+    expect_exit(&w.run(&["apply"]), 0);
+    assert_eq!(
+        w.members(PACS_GROUP),
+        set(&[PLACEHOLDER_DN, &dns[0], &dns[1]])
+    );
+    let second_run: Vec<Value> = actions(&w.audit(), "grant")
+        .into_iter()
+        .filter(|r| r["seq"].as_u64().unwrap() > ledger["applied_seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(second_run.len(), 2, "{second_run:?}");
+    assert!(
+        second_run.iter().all(|r| r["access"] == "pacs"),
+        "{second_run:?}"
+    );
+}
+
 #[test]
 fn a_typo_keeps_access_and_check_names_the_file() {
     let w = World::new();
