@@ -17,6 +17,7 @@
 
 pub mod dn;
 mod explain;
+mod in_order;
 mod member_of;
 pub mod range;
 
@@ -31,6 +32,7 @@ use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapError, Mod, Scope, Search
 
 use crate::config::{self, Secret};
 use crate::plan::UserLookup;
+use in_order::Ranked;
 
 /// Values per modify operation: large batches, but below what Active Directory refuses
 /// (ADMIN_LIMIT_EXCEEDED on very large modifies). A configured `range_size` below it lowers it
@@ -730,11 +732,11 @@ impl Directory {
         values: &[String],
         with_placeholder: bool,
     ) -> Result<(u32, String), DirectoryError> {
-        let attr = self.cfg.member_attribute.name().to_string();
-        let set: std::collections::HashSet<String> = values.iter().cloned().collect();
+        let attr = Ranked::plain(self.cfg.member_attribute.name());
+        let set = in_order::in_order(values);
         let mut mods = Vec::new();
         if with_placeholder && let Some(p) = &self.cfg.placeholder_member {
-            mods.push(Mod::Add(attr.clone(), [p.clone()].into_iter().collect()));
+            mods.push(Mod::Add(attr.clone(), [Ranked::plain(p)].into()));
         }
         mods.push(match change {
             MemberChange::Add => Mod::Add(attr, set),
