@@ -356,22 +356,14 @@ pub fn decide_first_group<'a>(input: &PlanInput<'a>) -> Option<FirstGroup<'a>> {
 
 /// The plan, given the first group's decisions, without the grants taken from them
 /// ([`FirstGroup::take_grants`]): put first, they make it the plan [`plan`] makes (a property
-/// test holds them equal). `one_thread`: decide on this thread only (a plan made while the
-/// directory works on a change; on 2 cores a second thread would take the directory's core).
-pub fn plan_after_first<'a>(
-    input: &PlanInput<'a>,
-    first: FirstGroup<'a>,
-    one_thread: bool,
-) -> Plan {
+/// test holds them equal). Decided on two threads from [`PARALLEL_PAIRS`] pairs, like [`plan`]:
+/// made while the directory works on the first group's grants, the plan on one thread held
+/// back the other groups' modifies more than a second thread slowed the directory (2 cores).
+pub fn plan_after_first<'a>(input: &PlanInput<'a>, first: FirstGroup<'a>) -> Plan {
     let mut group_members = members_of(input, |g| g != first.group);
     group_members.extend(first.members);
     let norms = group_norms(input.config);
     let pairs = pairs_of(input, |access| norms[access] != first.group);
-    let parallel_from = if one_thread {
-        usize::MAX
-    } else {
-        PARALLEL_PAIRS
-    };
     // Room for the first group's decisions too, so that the merge does not grow the list.
     let first_decisions = first.decided.decisions.len();
     let mut found = decide_split(
@@ -379,7 +371,7 @@ pub fn plan_after_first<'a>(
         &group_members,
         &norms,
         pairs,
-        parallel_from,
+        PARALLEL_PAIRS,
         first_decisions,
     );
     found.merge(first.decided);
@@ -1840,7 +1832,7 @@ lapse_grace = "10d"
             let mut first = decide_first_group(&input).expect("no separator in the test's DNs");
             let mut changes = first.take_grants();
             let group = first.group.clone();
-            let mut rest = plan_after_first(&input, first, true);
+            let mut rest = plan_after_first(&input, first);
             // The grants to the first group, and only those, come first.
             prop_assert!(changes.iter().all(|c| c.action == Action::Grant
                 && dn::normalize(&c.group) == group));

@@ -740,8 +740,8 @@ async fn answer(audit: &mut AuditLog, sent: InFlight, units: &[Unit<'_>]) -> Res
 
 /// Makes the plan while the grants it begins with are carried out: `grants` are those grants
 /// ([`plan::FirstGroup::take_grants`]); their first unit goes to the audit log and the
-/// directory, and `decide_rest` makes the rest of the plan ([`plan::plan_after_first`], given
-/// whether to stay on this thread) while the directory works on it. On 2 cores the plan of a
+/// directory, and `decide_rest` makes the rest of the plan ([`plan::plan_after_first`]) while
+/// the directory works on it. On 2 cores the plan of a
 /// first run at 20,000 users took a tenth of the run, before anything was sent. The plan is the
 /// grants followed by the rest; [`apply_plan_after`] carries out the rest and reads the first
 /// unit's answer. Without grants the plan is simply made. (A brake record, if the plan has one,
@@ -750,15 +750,15 @@ async fn first_then_plan(
     audit: &mut AuditLog,
     dir: &mut Directory,
     grants: Vec<Change>,
-    decide_rest: impl FnOnce(bool) -> Plan,
+    decide_rest: impl FnOnce() -> Plan,
 ) -> Result<(Plan, Option<InFlight>)> {
     let first_units = units_of(&grants, dir.values_per_modify());
     let Some(unit) = first_units.first() else {
-        return Ok((decide_rest(false), None));
+        return Ok((decide_rest(), None));
     };
     let prepared = audit.chain_end().prepare(events_of(unit))?;
     let sent = send(audit, dir, 0, unit, prepared)?;
-    let mut plan = decide_rest(true);
+    let mut plan = decide_rest();
     drop(first_units);
     let mut changes = grants;
     changes.append(&mut plan.changes);
@@ -1360,9 +1360,9 @@ pub async fn pass(
     let (plan, first) = match first {
         Some(mut first) => {
             let grants = first.take_grants();
-            first_then_plan(audit, dir, grants, |one_thread| {
+            first_then_plan(audit, dir, grants, || {
                 let input = plan_input(config, &observed, now, options.allow_revocations);
-                plan::plan_after_first(&input, first, one_thread)
+                plan::plan_after_first(&input, first)
             })
             .await?
         }
