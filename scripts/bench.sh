@@ -6,10 +6,12 @@
 #
 #   1. initial convergence: `ldapmodify` adding every membership in one modify per group (the
 #      directory's own limit; at most 50,000 values per modify), then `coursegate apply`, both
-#      with the files just written; the same two with the page cache dropped before each (up to
-#      COLD_MAX, default 20000); and, last, a Python ldap3 script that looks each user up and
-#      adds them with one modify per membership (the tool an admin would write; skipped above
-#      PER_USER_MAX, default 20000, because it runs for many minutes);
+#      with the files just written, as pairs one after the other (REPEAT, default 5 up to
+#      REPEAT_MAX users, default 20000, else 1; the medians are compared); the same two once
+#      with the page cache dropped before each (up to COLD_MAX, default 20000); and, last, a
+#      Python ldap3 script that looks each user up and adds them with one modify per membership
+#      (the tool an admin would write; skipped above PER_USER_MAX, default 20000, because it
+#      runs for many minutes);
 #   2. steady state: `coursegate apply` with nothing changed, and with 1 % of the orders changed
 #      (1 % withdrawn, 1 % new), with their LDAP operation counts;
 #   3. daemon latency: order file renamed into place -> membership visible, over 100 drops, with
@@ -43,6 +45,7 @@ fi
 per_user_max=${PER_USER_MAX:-20000}
 cold_max=${COLD_MAX:-20000}
 drops=${DROPS:-100}
+repeat_max=${REPEAT_MAX:-20000}
 [ $# -gt 0 ] || set -- 20000
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/coursegate-slapd-bench.XXXXXX")
@@ -92,6 +95,12 @@ member_count() {
 
 ratio() { echo "scale=2; $1 / $2" | bc; }
 
+# The median of the numbers given (the mean of the middle two for an even count).
+median() { printf '%s\n' "$@" | sort -n | awk '{v[NR] = $1} END {print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2}'; }
+
+# "min–max" of the numbers given, two decimals.
+range() { printf '%s\n' "$@" | sort -n | awk 'NR == 1 {lo = $1} {hi = $1} END {printf "%.2f–%.2f", lo, hi}'; }
+
 echo "## Run of $(date -u +%Y-%m-%dT%H:%MZ)"
 echo
 echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(free -g | awk '/Mem:/ {print $2}') GiB RAM, $(uname -sr), slapd $(/usr/sbin/slapd -VV 2>&1 | grep -o 'slapd [0-9.]*' | head -1 | cut -d' ' -f2), mdb with the memberof overlay."
@@ -131,22 +140,32 @@ for n in "$@"; do
       done
     done
   } >"$work/batched.ldif"
-  fresh_slapd
-  t_ldapmodify=$(seconds env LDAPNOINIT=1 ldapmodify -x -H "$CG_SLAPD_URL" -D "$service_dn" -w "$service_pw" -f "$work/batched.ldif")
-  [ "$(member_count "${groups[2]}")" -eq $((n + 1)) ] || { echo "ldapmodify did not add every member" >&2; exit 1; }
+  # (a) and (c), REPEAT times (default 5 up to REPEAT_MAX users, default 20000, else once), one after the other (this machine's speed drifts by a third
+  # within minutes): `ldapmodify`, then coursegate right after it, both finding the files just
+  # written in the page cache. The median of each is reported, with the range. (Run after the
+  # per-user script, the first `apply` found many of its 20,000 order files evicted by then, on
+  # a machine that drops them within minutes.) The last `apply`'s state and slapd are the ones
+  # the steady-state runs below start from.
+  repeat=${REPEAT:-$(if [ "$n" -le "$repeat_max" ]; then echo 5; else echo 1; fi)}
+  runs_ldapmodify=()
+  runs_apply=()
+  for ((r = 0; r < repeat; r++)); do
+    fresh_slapd
+    runs_ldapmodify+=("$(seconds env LDAPNOINIT=1 ldapmodify -x -H "$CG_SLAPD_URL" -D "$service_dn" -w "$service_pw" -f "$work/batched.ldif")")
+    [ "$(member_count "${groups[2]}")" -eq $((n + 1)) ] || { echo "ldapmodify did not add every member" >&2; exit 1; }
+    fresh_slapd
+    cg_write_config "$work/coursegate.toml"
+    rm -rf "$work/state" "$work/audit.jsonl"
+    runs_apply+=("$(seconds "$bin" -c "$work/coursegate.toml" apply)")
+    o_apply=$(ops)
+    [ "$(member_count "${groups[2]}")" -eq $((n + 1)) ] || { echo "coursegate did not add every member" >&2; exit 1; }
+  done
+  t_ldapmodify=$(median "${runs_ldapmodify[@]}")
+  t_apply=$(median "${runs_apply[@]}")
 
-  # (c) coursegate, right after `ldapmodify`: both find the files just written in the page
-  # cache. (Run after the per-user script, as before, the first `apply` found many of its
-  # 20,000 order files evicted by then, on a machine that drops them within minutes.)
-  fresh_slapd
-  cg_write_config "$work/coursegate.toml"
-  t_apply=$(seconds "$bin" -c "$work/coursegate.toml" apply)
-  o_apply=$(ops)
-  [ "$(member_count "${groups[2]}")" -eq $((n + 1)) ] || { echo "coursegate did not add every member" >&2; exit 1; }
-
-  # The same two with the page cache dropped before each (the files, slapd's database and the
-  # programs read from the disk), up to COLD_MAX users. The state of this `apply` is the one the
-  # steady-state runs below start from, as that of the first.
+  # The same pair with the page cache dropped before each (the files, slapd's database and the
+  # programs read from the disk), once, up to COLD_MAX users. The state of this `apply` is the
+  # one the steady-state runs below start from.
   t_ldapmodify_cold="-"
   t_apply_cold="-"
   if [ "$n" -le "$cold_max" ] && drop_caches; then
@@ -244,7 +263,8 @@ PY
   echo
   echo "| measure | coursegate | reference | ratio |"
   echo "|---|---|---|---|"
-  echo "| initial convergence ($((3 * n)) grants) | $(printf %.2f "$t_apply") s, $o_apply LDAP ops | batched \`ldapmodify\`: $(printf %.2f "$t_ldapmodify") s | $(ratio "$t_apply" "$t_ldapmodify")× (target ≤ 1.5×) |"
+  echo "| initial convergence ($((3 * n)) grants), median of $repeat (range) | $(printf %.2f "$t_apply") s ($(range "${runs_apply[@]}")), $o_apply LDAP ops | batched \`ldapmodify\`: $(printf %.2f "$t_ldapmodify") s ($(range "${runs_ldapmodify[@]}")) | $(ratio "$t_apply" "$t_ldapmodify")× (target ≤ 1.5×) |"
+  echo "| the same, pair by pair (\`apply\` / \`ldapmodify\`) | $(for ((r = 0; r < repeat; r++)); do printf '%s× ' "$(ratio "${runs_apply[r]}" "${runs_ldapmodify[r]}")"; done) | | |"
   if [ "$t_apply_cold" != "-" ]; then
     echo "| initial convergence, page cache dropped before each | $(printf %.2f "$t_apply_cold") s | batched \`ldapmodify\`: $(printf %.2f "$t_ldapmodify_cold") s | $(ratio "$t_apply_cold" "$t_ldapmodify_cold")× |"
   fi

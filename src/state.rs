@@ -274,7 +274,11 @@ impl StateStore for FileStore {
     }
 
     fn save_ledger(&self, ledger: &Ledger) -> Result<(), StateError> {
-        self.save("ledger.json", ledger)
+        write_atomic_with(&self.dir.join("ledger.json"), |file| {
+            let mut out = BufWriter::with_capacity(1 << 16, file);
+            write_ledger(&mut out, ledger, PARALLEL_LEDGER_ENTRIES)?;
+            out.flush()
+        })
     }
 
     fn load_last_good(&self) -> Result<LastGood, StateError> {
@@ -327,6 +331,64 @@ pub fn write_json_atomic<T: Serialize + ?Sized>(path: &Path, value: &T) -> Resul
     })
 }
 
+/// From this many owned memberships, half of the ledger is serialized on another thread: a
+/// first run at 20,000 users with three profiles leaves a 22 MB ledger, written after the last
+/// change, when the directory has nothing more to do and a core is free.
+const PARALLEL_LEDGER_ENTRIES: usize = 8192;
+
+/// Writes `ledger` as `serde_json::to_writer` writes it; from `parallel_from` entries, the
+/// later half of them is serialized on another thread meanwhile.
+fn write_ledger(
+    out: &mut impl Write,
+    ledger: &Ledger,
+    parallel_from: usize,
+) -> std::io::Result<()> {
+    fn entries<'a>(
+        out: &mut impl Write,
+        mut first: bool,
+        owned: impl Iterator<Item = (&'a String, &'a Owned)>,
+    ) -> serde_json::Result<()> {
+        for (key, membership) in owned {
+            if !first {
+                out.write_all(b",").map_err(serde_json::Error::io)?;
+            }
+            first = false;
+            serde_json::to_writer(&mut *out, key)?;
+            out.write_all(b":").map_err(serde_json::Error::io)?;
+            serde_json::to_writer(&mut *out, membership)?;
+        }
+        Ok(())
+    }
+    let count = ledger.owned.len();
+    let later = match ledger.owned.keys().nth(count / 2) {
+        Some(key) if count >= parallel_from.max(2) => key.clone(),
+        _ => return Ok(serde_json::to_writer(out, ledger)?),
+    };
+    write!(out, "{{\"applied_seq\":{},\"owned\":{{", ledger.applied_seq)?;
+    let earlier_half = ledger.owned.range(..later.clone());
+    let later_half = ledger.owned.range(later..);
+    let serialize = |half: std::collections::btree_map::Range<'_, String, Owned>| {
+        let mut text = Vec::with_capacity(1 << 20);
+        entries(&mut text, false, half)?;
+        Ok::<_, serde_json::Error>(text)
+    };
+    std::thread::scope(|s| {
+        let for_thread = later_half.clone();
+        let spawned = std::thread::Builder::new()
+            .name("ledger".into())
+            .spawn_scoped(s, move || serialize(for_thread));
+        entries(&mut *out, true, earlier_half)?;
+        let text = match spawned {
+            Ok(thread) => thread
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?,
+            Err(_) => serialize(later_half)?,
+        };
+        out.write_all(&text)?;
+        out.write_all(b"}}")
+    })
+}
+
 /// [`write_atomic`] with the content written by `write` to the new file.
 fn write_atomic_with(
     path: &Path,
@@ -354,6 +416,40 @@ fn write_atomic_with(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ledger_written_in_two_halves_is_what_serde_json_writes() {
+        let owned = |i: u64| Owned {
+            group: "cn=wim-users,ou=groups,dc=example,dc=org".to_string(),
+            member: format!("uid=u{i},ou=people,dc=example,dc=org"),
+            user: format!("u{i} \"quoted\"\n"),
+            user_dn: i.is_multiple_of(2).then(|| format!("uid=u{i},ou=people,dc=example,dc=org")),
+            access: "wim".to_string(),
+            order: Some(format!("O-{i}")),
+            ticket: None,
+            granted_seq: i,
+            granted_at: Utc::now(),
+            lapse_since: i.is_multiple_of(3).then(Utc::now),
+        };
+        for count in [0, 1, 2, 3, 10] {
+            let ledger = Ledger {
+                applied_seq: 42,
+                owned: (0..count)
+                    .map(|i| (format!("cn=wim\u{1f}uid=u{i}"), owned(i)))
+                    .collect(),
+            };
+            let expected = serde_json::to_vec(&ledger).unwrap();
+            for parallel_from in [0, 1, 2, usize::MAX] {
+                let mut written = Vec::new();
+                write_ledger(&mut written, &ledger, parallel_from).unwrap();
+                assert_eq!(
+                    String::from_utf8(written).unwrap(),
+                    String::from_utf8(expected.clone()).unwrap(),
+                    "{count} entries, in halves from {parallel_from}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn ledger_round_trips_and_keys_normalize() {
