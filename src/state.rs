@@ -423,7 +423,9 @@ mod tests {
             group: "cn=wim-users,ou=groups,dc=example,dc=org".to_string(),
             member: format!("uid=u{i},ou=people,dc=example,dc=org"),
             user: format!("u{i} \"quoted\"\n"),
-            user_dn: i.is_multiple_of(2).then(|| format!("uid=u{i},ou=people,dc=example,dc=org")),
+            user_dn: i
+                .is_multiple_of(2)
+                .then(|| format!("uid=u{i},ou=people,dc=example,dc=org")),
             access: "wim".to_string(),
             order: Some(format!("O-{i}")),
             ticket: None,
