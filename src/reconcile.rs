@@ -8,7 +8,7 @@
 //! records that the ledger does not yet reflect; [`recover`] finds them at the start of the next
 //! run, asks the directory whether each change happened, and says so in the log.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use chrono::{DateTime, Utc};
 
@@ -655,7 +655,6 @@ struct InFlight {
     unit: usize,
     /// The seqs of its records, one per change.
     seqs: Vec<u64>,
-    group: String,
     started: std::time::Instant,
     /// The modify, on a handle of its own ([`Directory::beside`]).
     task: tokio::task::JoinHandle<Result<Vec<(usize, DirectoryError)>, DirectoryError>>,
@@ -686,7 +685,6 @@ fn send(
     Ok(InFlight {
         unit: index,
         seqs,
-        group: group.to_string(),
         started: std::time::Instant::now(),
         task,
     })
@@ -697,6 +695,8 @@ fn send(
 /// run's crash recovery looks at the directory and records what happened.
 async fn answer(audit: &mut AuditLog, sent: InFlight, units: &[Unit<'_>]) -> Result<Answered> {
     let (group, action, chunk) = &units[sent.unit];
+    // A modify task that panicked is an error here, not a panic resumed ([`joined`]): the other
+    // units in flight are still waited for.
     let changed = match sent.task.await {
         Ok(changed) => changed,
         Err(e) => {
@@ -741,8 +741,8 @@ async fn answer(audit: &mut AuditLog, sent: InFlight, units: &[Unit<'_>]) -> Res
 /// Makes the plan while the grants it begins with are carried out: `grants` are those grants
 /// ([`plan::FirstGroup::take_grants`]); their first unit goes to the audit log and the
 /// directory, and `decide_rest` makes the rest of the plan ([`plan::plan_after_first`]) while
-/// the directory works on it. On 2 cores the plan of a
-/// first run at 20,000 users took a tenth of the run, before anything was sent. The plan is the
+/// the directory works on it. On 2 cores the plan of a first run at 20,000 users took a tenth
+/// of the run, before anything was sent. The plan is the
 /// grants followed by the rest; [`apply_plan_after`] carries out the rest and reads the first
 /// unit's answer. Without grants the plan is simply made. (A brake record, if the plan has one,
 /// comes after that unit's records: the brake holds revocations only.)
@@ -778,13 +778,14 @@ async fn apply_plan_after(
 ) -> Result<Applied> {
     let mut applied = Applied::default();
     let units = units_of(&plan.changes, dir.values_per_modify());
-    let mut in_flight: std::collections::VecDeque<InFlight> = std::collections::VecDeque::new();
+    let mut in_flight: VecDeque<InFlight> = std::collections::VecDeque::new();
     let mut start = 0;
     if let Some(first) = first {
+        let sent = first.seqs.len();
         // The plan's first unit is the one sent: the plan's first changes, in order.
         let begins_with_it = units.first().is_some_and(|(_, action, changes)| {
             *action == Action::Grant
-                && changes.len() == first.seqs.len()
+                && changes.len() == sent
                 && changes
                     .iter()
                     .zip(&plan.changes)
@@ -796,8 +797,7 @@ async fn apply_plan_after(
             // crash recovery books what it did.
             drain(audit, in_flight, &units).await;
             return Err(Error::Internal(format!(
-                "the plan does not begin with the {} grants sent while it was made",
-                units.first().map_or(0, |(_, _, changes)| changes.len())
+                "the plan does not begin with the {sent} grants sent while it was made"
             )));
         }
         start = 1;
@@ -824,7 +824,7 @@ async fn apply_plan_after(
                     || in_flight.len() >= UNITS_IN_FLIGHT
                     || in_flight
                         .iter()
-                        .any(|f| f.group.eq_ignore_ascii_case(unit.0)))
+                        .any(|f| units[f.unit].0.eq_ignore_ascii_case(unit.0)))
             {
                 settle_next(audit, &mut in_flight, &units, ledger, &mut applied, now).await?;
                 settled_since_save = true;
@@ -940,7 +940,7 @@ impl Answered {
 /// up to the records of the next unit in flight (whose outcome is not known yet), or all of it.
 async fn settle_next(
     audit: &mut AuditLog,
-    in_flight: &mut std::collections::VecDeque<InFlight>,
+    in_flight: &mut VecDeque<InFlight>,
     units: &[Unit<'_>],
     ledger: &mut Ledger,
     applied: &mut Applied,
@@ -961,11 +961,7 @@ async fn settle_next(
 /// After a run stopped with units in flight: waits for each answer, so that nothing changes in
 /// the directory once the run has returned, and records the refusals it learns of. The ledger
 /// is left as it is (a failed pass keeps none); the next run's crash recovery books the rest.
-async fn drain(
-    audit: &mut AuditLog,
-    in_flight: std::collections::VecDeque<InFlight>,
-    units: &[Unit<'_>],
-) {
+async fn drain(audit: &mut AuditLog, in_flight: VecDeque<InFlight>, units: &[Unit<'_>]) {
     for sent in in_flight {
         if let Err(e) = answer(audit, sent, units).await {
             tracing::debug!("after the run stopped: {e}");
